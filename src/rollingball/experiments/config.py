@@ -1,0 +1,296 @@
+"""Run configurations: one TOML file per run, validated before anything is written.
+
+    seed = 0
+    device = "cpu"              # "cpu", "cuda", "cuda:1", or "auto"
+
+    [data]
+    name = "mnist1d"            # mnist1d | digits | mnist | fashion_mnist | cifar10 | cifar100
+    batch_size = 100
+    # data_dir = "~/data"       # existing files; download = true to fetch torchvision data
+    # val_fraction = 0.1        # validation split carved from train
+    # augment = true            # CIFAR random crop + flip
+
+    [model]
+    name = "mlp"                # other keys go to the model, e.g. hidden = [256, 256]
+
+    [optimizer]
+    name = "rbo"                # other keys are its hyperparameters (see optimizers.py)
+    lr = 0.1
+    radius = 1.0
+
+    [schedule]
+    kind = "cosine"             # constant | step | cosine
+    warmup = 0.0                # fraction of the budget with a linear warmup
+    # milestones = [0.5, 0.75]  # step schedule: fractions of the budget
+    # gamma = 0.1               # step schedule: factor at each milestone
+
+    [budget]
+    epochs = 20                 # or: grad_evals = 50000 (closure calls, the same for all)
+
+Schedules are functions of the fraction of the budget spent, so they mean the same thing
+under an epoch budget and under a gradient-evaluation budget.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from rollingball.experiments.atomic import atomic_write_text
+from rollingball.experiments.data import DATASETS
+from rollingball.experiments.models import MODELS
+from rollingball.experiments.optimizers import OPTIMIZERS, validate_hyperparameters
+
+__all__ = [
+    "BudgetConfig",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "lr_factor",
+    "save_config",
+]
+
+SCHEDULES = ("constant", "step", "cosine")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run, with the reason."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist1d"
+    batch_size: int = 100
+    eval_batch_size: int = 1000
+    data_dir: str | None = None
+    download: bool = False
+    val_fraction: float = 0.0
+    augment: bool = False
+    normalize: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    # only the first closure call of a step may update BatchNorm running statistics
+    bn_first_call_only: bool = True
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "constant"
+    warmup: float = 0.0
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = 0.1
+
+
+@dataclass
+class BudgetConfig:
+    epochs: int | None = None
+    grad_evals: int | None = None
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    budget: BudgetConfig = field(default_factory=lambda: BudgetConfig(epochs=10))
+
+    def validate(self) -> RunConfig:
+        """Raise :class:`ConfigError` if the configuration cannot run; return self."""
+        _check(
+            isinstance(self.seed, int) and self.seed >= 0,
+            f"seed must be an integer >= 0, got {self.seed!r}",
+        )
+        _check(
+            self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
+            f"threads must be an integer >= 1, got {self.threads!r}",
+        )
+        d = self.data
+        _check(
+            d.name in DATASETS, f"unknown dataset {d.name!r}; choose one of {', '.join(DATASETS)}"
+        )
+        _check(
+            _positive_int(d.batch_size),
+            f"data.batch_size must be an integer >= 1, got {d.batch_size!r}",
+        )
+        _check(
+            _positive_int(d.eval_batch_size),
+            f"data.eval_batch_size must be an integer >= 1, got {d.eval_batch_size!r}",
+        )
+        _check(
+            0.0 <= d.val_fraction < 1.0,
+            f"data.val_fraction must be in [0, 1), got {d.val_fraction}",
+        )
+        _check(
+            not d.augment or d.name.startswith("cifar"),
+            f"data.augment (random crop + flip) is for CIFAR only, not {d.name!r}",
+        )
+        _check(
+            self.model.name in MODELS,
+            f"unknown model {self.model.name!r}; choose one of {', '.join(MODELS)}",
+        )
+        o = self.optimizer
+        _check(
+            o.name in OPTIMIZERS,
+            f"unknown optimizer {o.name!r}; choose one of {', '.join(OPTIMIZERS)}",
+        )
+        try:
+            validate_hyperparameters(o.name, o.hparams)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        s = self.schedule
+        _check(
+            s.kind in SCHEDULES,
+            f"unknown schedule {s.kind!r}; choose one of {', '.join(SCHEDULES)}",
+        )
+        _check(
+            0.0 <= s.warmup < 1.0, f"schedule.warmup must be a fraction in [0, 1), got {s.warmup}"
+        )
+        _check(
+            all(0.0 < m < 1.0 for m in s.milestones) and list(s.milestones) == sorted(s.milestones),
+            f"schedule.milestones must be increasing fractions in (0, 1), got {s.milestones}",
+        )
+        _check(0.0 < s.gamma <= 1.0, f"schedule.gamma must be in (0, 1], got {s.gamma}")
+        b = self.budget
+        _check(
+            (b.epochs is None) != (b.grad_evals is None),
+            "budget: give exactly one of epochs or grad_evals",
+        )
+        if b.epochs is not None:
+            _check(
+                _positive_int(b.epochs), f"budget.epochs must be an integer >= 1, got {b.epochs!r}"
+            )
+        if b.grad_evals is not None:
+            _check(
+                _positive_int(b.grad_evals),
+                f"budget.grad_evals must be an integer >= 1, got {b.grad_evals!r}",
+            )
+        return self
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+_SECTIONS: dict[str, Any] = {"data": DataConfig, "schedule": ScheduleConfig, "budget": BudgetConfig}
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a TOML-shaped dictionary."""
+    raw = dict(raw)
+    top_known = {"seed", "device", "threads", "data", "model", "optimizer", "schedule", "budget"}
+    unknown = sorted(set(raw) - top_known)
+    _check(not unknown, f"unknown top-level key(s): {', '.join(unknown)}")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        table = raw.get(name, {})
+        _check(isinstance(table, dict), f"[{name}] must be a table")
+        known = set(cls.__dataclass_fields__)
+        bad = sorted(set(table) - known)
+        _check(
+            not bad,
+            f"[{name}] has unknown key(s) {', '.join(bad)}; known: {', '.join(sorted(known))}",
+        )
+        sections[name] = cls(**table)
+    if "budget" not in raw:
+        sections["budget"] = BudgetConfig(epochs=10)
+    model = dict(raw.get("model", {}))
+    optimizer = dict(raw.get("optimizer", {}))
+    config = RunConfig(
+        seed=raw.get("seed", 0),
+        device=raw.get("device", "cpu"),
+        threads=raw.get("threads"),
+        model=ModelConfig(name=model.pop("name", "mlp"), kwargs=model),
+        optimizer=OptimizerConfig(
+            name=optimizer.pop("name", "sgd"),
+            bn_first_call_only=optimizer.pop("bn_first_call_only", True),
+            hparams=optimizer,
+        ),
+        **sections,
+    )
+    return config.validate()
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """The TOML-shaped dictionary of ``config`` (``None`` values left out)."""
+    out: dict[str, Any] = {"seed": config.seed, "device": config.device}
+    if config.threads is not None:
+        out["threads"] = config.threads
+    out["data"] = {k: v for k, v in asdict(config.data).items() if v is not None}
+    out["model"] = {"name": config.model.name, **config.model.kwargs}
+    out["optimizer"] = {
+        "name": config.optimizer.name,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in config.optimizer.hparams.items()},
+    }
+    if not config.optimizer.bn_first_call_only:
+        out["optimizer"]["bn_first_call_only"] = False
+    out["schedule"] = asdict(config.schedule)
+    out["budget"] = {k: v for k, v in asdict(config.budget).items() if v is not None}
+    return out
+
+
+def load_config(path: str | os.PathLike[str]) -> RunConfig:
+    """Read and validate a TOML run configuration."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    try:
+        return config_from_dict(raw)
+    except (ConfigError, TypeError) as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def save_config(config: RunConfig, path: str | os.PathLike[str]) -> None:
+    """Write ``config`` as TOML, atomically."""
+    import tomli_w
+
+    atomic_write_text(Path(path), tomli_w.dumps(config_to_dict(config)))
+
+
+def lr_factor(schedule: ScheduleConfig, progress: float, step_fraction: float = 0.0) -> float:
+    """Multiplier of the base learning rate for a step taken after ``progress`` (in [0, 1]) of
+    the budget; ``step_fraction`` is the share of the budget one step uses (warmup's first
+    step then gets a non-zero learning rate)."""
+    t = min(max(progress, 0.0), 1.0)
+    if schedule.warmup > 0 and t < schedule.warmup:
+        return min(1.0, (t + step_fraction) / schedule.warmup)
+    if schedule.kind == "constant":
+        return 1.0
+    if schedule.kind == "step":
+        return float(schedule.gamma ** sum(t >= m for m in schedule.milestones))
+    # cosine from the end of warmup to the end of the budget
+    u = (t - schedule.warmup) / (1.0 - schedule.warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * u))

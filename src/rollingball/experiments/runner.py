@@ -1,0 +1,509 @@
+"""The runner: train one configuration, with atomic files, resume and a clean Ctrl-C.
+
+``run(config, out_dir)`` writes
+
+- ``config.toml``: the configuration (validated, defaults filled in);
+- ``metrics.jsonl``: one JSON object per epoch (and one for a final partial epoch under a
+  gradient-evaluation budget), rewritten atomically;
+- ``checkpoint.pt``: everything needed to continue bit-for-bit (model, optimizer, RNG,
+  position inside the epoch, accumulators, metrics so far), written atomically after
+  every epoch, on Ctrl-C and at the end.
+
+Every optimizer's ``step`` gets the same closure wrapped in a :class:`CountingClosure`, so
+``grad_evals`` counts forward+backward passes identically for all. Under
+``torch.distributed`` (``torchrun``) each rank trains on its shard of every epoch, the
+metrics are summed over ranks and only rank 0 writes files; all of that lives in
+:class:`Ranks`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from rollingball.experiments.atomic import atomic_write, atomic_write_text
+from rollingball.experiments.config import (
+    ConfigError,
+    RunConfig,
+    config_to_dict,
+    load_config,
+    lr_factor,
+    save_config,
+)
+from rollingball.experiments.data import DataBundle, load_data, make_loader, num_batches
+from rollingball.experiments.models import build_model
+from rollingball.experiments.optimizers import CountingClosure, build_optimizer
+from rollingball.optim.batchnorm import first_call_updates_batchnorm
+
+__all__ = ["RunResult", "StepResult", "evaluate", "read_metrics", "run", "run_file", "train_step"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CONFIG = "config.toml"
+
+
+# --------------------------------------------------------------------------- ranks
+
+
+class Ranks:
+    """Rank and world size, and the few collective operations the runner needs."""
+
+    def __init__(self) -> None:
+        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if self.distributed else 0
+        self.world = torch.distributed.get_world_size() if self.distributed else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """Element-wise sum of ``values`` over all ranks (identity in a single process)."""
+        if not self.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+
+# --------------------------------------------------------------------------- one step
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports: loss and correct predictions at its starting point."""
+
+    loss: float
+    correct: int
+    count: int
+    grad_evals: int
+    stats: dict[str, Any]
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: Optimizer,
+    inputs: Tensor,
+    targets: Tensor,
+    criterion: Callable[[Tensor, Tensor], Tensor],
+    bn_first_call_only: bool = True,
+) -> StepResult:
+    """One optimizer step on one minibatch, counting closure calls."""
+    first: dict[str, Tensor] = {}
+
+    def closure() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(inputs)
+        loss = criterion(logits, targets)
+        loss.backward()
+        if not first:
+            first["loss"] = loss.detach()
+            first["correct"] = (logits.detach().argmax(1) == targets).sum()
+        return loss
+
+    inner = first_call_updates_batchnorm(model, closure) if bn_first_call_only else closure
+    counted = CountingClosure(inner)
+    optimizer.step(counted)  # type: ignore[arg-type]  # closures may return tensors
+    stats = dict(getattr(optimizer, "last_stats", None) or {})
+    return StepResult(
+        loss=float(first["loss"]),
+        correct=int(first["correct"]),
+        count=len(targets),
+        grad_evals=counted.calls,
+        stats=stats,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    batch_size: int,
+    device: torch.device,
+    ranks: Ranks | None = None,
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``dataset`` (eval mode)."""
+    ranks = ranks or Ranks()
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0.0, 0.0
+    for inputs, targets in make_loader(dataset, batch_size, shuffle=False):
+        inputs, targets = inputs.to(device), targets.to(device)
+        logits = model(inputs)
+        loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        correct += float((logits.argmax(1) == targets).sum())
+        count += len(targets)
+    model.train(was_training)
+    loss_sum, correct, count = ranks.sum([loss_sum, correct, count], device)
+    return loss_sum / max(count, 1.0), correct / max(count, 1.0)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class Progress:
+    """Where the run is, and the running sums of the current epoch."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches done in the current epoch
+    step: int = 0  # optimizer steps overall
+    grad_evals: int = 0  # closure calls overall
+    wall_seconds: float = 0.0
+    loss_sum: float = 0.0  # current epoch: sum of per-example losses at each step's start
+    correct: int = 0
+    count: int = 0
+    steps_in_epoch: int = 0
+    proj_steps: float = 0.0  # RBO projection statistics, summed over the epoch's steps
+    proj_converged: float = 0.0
+    proj_residual: float = 0.0
+    proj_count: int = 0
+    finished: bool = False
+    diverged: bool = False
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def start_epoch(self) -> None:
+        self.batch = self.correct = self.count = self.steps_in_epoch = 0
+        self.loss_sum = 0.0
+        self.proj_steps = self.proj_converged = self.proj_residual = 0.0
+        self.proj_count = 0
+
+    def add(self, result: StepResult) -> None:
+        self.batch += 1
+        self.step += 1
+        self.steps_in_epoch += 1
+        self.grad_evals += result.grad_evals
+        self.loss_sum += result.loss * result.count
+        self.correct += result.correct
+        self.count += result.count
+        if "projection_steps" in result.stats:
+            self.proj_steps += float(result.stats["projection_steps"])
+            self.proj_converged += float(bool(result.stats.get("converged", False)))
+            self.proj_residual += float(result.stats.get("residual", float("nan")))
+            self.proj_count += 1
+
+
+@dataclass
+class RunResult:
+    """The outcome of :func:`run`."""
+
+    out_dir: Path | None
+    metrics: list[dict[str, Any]]
+    interrupted: bool = False
+    diverged: bool = False
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.metrics[-1] if self.metrics else {}
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+class _StopFlag:
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@contextmanager
+def _graceful_sigint(flag: _StopFlag) -> Iterator[None]:
+    """First Ctrl-C asks the loop to save and stop after the current step; a second one aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _save_checkpoint(
+    path: Path, model: nn.Module, optimizer: Optimizer, progress: Progress
+) -> None:
+    payload = {
+        "model": _unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "progress": asdict(progress),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in metrics))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` file (or of ``DIR/metrics.jsonl`` for a directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(
+    config: RunConfig,
+    out_dir: str | Path | None,
+    *,
+    resume: bool = False,
+    data: DataBundle | None = None,
+    progress_bar: Any = None,
+    on_step: Callable[[Progress], None] | None = None,
+) -> RunResult:
+    """Train ``config``; write into ``out_dir`` (``None``: keep everything in memory).
+
+    ``resume`` continues from ``out_dir/checkpoint.pt``. ``data`` reuses loaded datasets.
+    ``progress_bar`` is a ``rich.progress.Progress`` to report into. ``on_step`` is called
+    after every step (tests use it to interrupt a run).
+    """
+    config.validate()
+    ranks = Ranks()
+    out = Path(out_dir) if out_dir is not None else None
+    checkpoint = out / CHECKPOINT if out is not None else None
+    if out is not None and not resume and (out / METRICS).exists():
+        raise FileExistsError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    if resume and out is not None and (out / CONFIG).exists():
+        saved = config_to_dict(load_config(out / CONFIG))
+        if saved != config_to_dict(config):
+            raise ConfigError(
+                f"--resume: the configuration differs from the one saved in {out / CONFIG}"
+            )
+
+    device = _device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    # everything that can fail on bad input happens before the first file is written
+    bundle = data or load_data(
+        config.data.name,
+        config.data.data_dir,
+        download=config.data.download,
+        val_fraction=config.data.val_fraction,
+        seed=config.seed,
+        augment=config.data.augment,
+        normalize=config.data.normalize,
+    )
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config.model.name, bundle.input_shape, bundle.num_classes, **config.model.kwargs
+    )
+    model.to(device)
+    if ranks.distributed:
+        model = nn.parallel.DistributedDataParallel(model)
+    optimizer = build_optimizer(
+        config.optimizer.name, model.parameters(), **config.optimizer.hparams
+    )
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    state = Progress()
+    if resume and checkpoint is not None and checkpoint.exists():
+        payload = torch.load(checkpoint, map_location=device, weights_only=False)
+        _unwrap(model).load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        torch.set_rng_state(payload["rng_cpu"])
+        if payload["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng_cuda"])
+        state = Progress(**payload["progress"])
+    elif out is not None and ranks.is_main:
+        save_config(config, out / CONFIG)
+    if state.finished:
+        return RunResult(out, state.metrics, diverged=state.diverged)
+
+    steps_per_epoch = num_batches(bundle.train, config.data.batch_size)
+    budget = config.budget
+    flag = _StopFlag()
+    task = None
+    if progress_bar is not None:
+        total = (
+            budget.grad_evals
+            if budget.grad_evals is not None
+            else (budget.epochs or 0) * steps_per_epoch
+        )
+        task = progress_bar.add_task(
+            f"{config.optimizer.name}", total=total, completed=_done(state, budget), info=""
+        )
+
+    def save() -> None:
+        if out is not None and ranks.is_main:
+            assert checkpoint is not None
+            _write_metrics(out / METRICS, state.metrics)
+            _save_checkpoint(checkpoint, model, optimizer, state)
+
+    def close_epoch(partial: bool) -> None:
+        test_loss, test_acc = evaluate(
+            model, bundle.test, config.data.eval_batch_size, device, ranks
+        )
+        sums = ranks.sum(
+            [
+                state.loss_sum,
+                state.correct,
+                state.count,
+                state.proj_steps,
+                state.proj_converged,
+                state.proj_residual,
+                state.proj_count,
+            ],
+            device,
+        )
+        loss_sum, correct, count, p_steps, p_conv, p_res, p_count = sums
+        row: dict[str, Any] = {
+            "epoch": state.epoch + 1,
+            "epochs": round(state.epoch + state.batch / steps_per_epoch, 6),
+            "step": state.step,
+            "train_loss": loss_sum / count if count else float("nan"),
+            "train_accuracy": correct / count if count else float("nan"),
+            "test_loss": test_loss,
+            "test_accuracy": test_acc,
+        }
+        if bundle.val is not None:
+            row["val_loss"], row["val_accuracy"] = evaluate(
+                model, bundle.val, config.data.eval_batch_size, device, ranks
+            )
+        row["grad_evals"] = state.grad_evals
+        row["wall_seconds"] = state.wall_seconds
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        if p_count:
+            row["proj_steps_mean"] = p_steps / p_count
+            row["proj_converged_frac"] = p_conv / p_count
+            row["proj_residual_mean"] = p_res / p_count
+        if partial:
+            row["partial_epoch"] = True
+        if state.diverged:
+            row["diverged"] = True
+        state.metrics.append(row)
+        state.epoch += 1
+        state.start_epoch()
+
+    def exhausted() -> bool:
+        if budget.grad_evals is not None:
+            return state.grad_evals >= budget.grad_evals
+        return state.epoch >= (budget.epochs or 0)
+
+    model.train()
+    interrupted = False
+    with _graceful_sigint(flag):
+        while not exhausted() and not state.diverged:
+            loader = make_loader(
+                bundle.train,
+                config.data.batch_size,
+                shuffle=True,
+                seed=config.seed,
+                epoch=state.epoch,
+                start_batch=state.batch,
+            )
+            tick = time.perf_counter()
+            for inputs, targets in loader:
+                if exhausted():
+                    break
+                fraction, step_fraction = _budget_fraction(state, budget, steps_per_epoch)
+                factor = lr_factor(config.schedule, fraction, step_fraction)
+                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * factor
+                result = train_step(
+                    model,
+                    optimizer,
+                    inputs.to(device, non_blocking=True),
+                    targets.to(device, non_blocking=True),
+                    nn.functional.cross_entropy,
+                    config.optimizer.bn_first_call_only,
+                )
+                state.add(result)
+                if not math.isfinite(result.loss):
+                    state.diverged = True
+                if progress_bar is not None:
+                    progress_bar.update(
+                        task,
+                        completed=_done(state, budget),
+                        info=_progress_info(state, result.loss),
+                    )
+                if on_step is not None:
+                    on_step(state)
+                if flag.requested or state.diverged:
+                    break
+            state.wall_seconds += time.perf_counter() - tick
+            if (
+                flag.requested
+                and not state.diverged
+                and state.batch < steps_per_epoch
+                and not exhausted()
+            ):
+                interrupted = True
+                save()
+                break
+            tick = time.perf_counter()
+            close_epoch(partial=0 < state.batch < steps_per_epoch)
+            state.wall_seconds += time.perf_counter() - tick  # evaluation time counts too
+            state.metrics[-1]["wall_seconds"] = state.wall_seconds
+            if exhausted() or state.diverged:
+                state.finished = True
+            save()
+            if flag.requested:
+                interrupted = not state.finished
+                break
+    if task is not None:
+        progress_bar.remove_task(task)
+    return RunResult(out, state.metrics, interrupted=interrupted, diverged=state.diverged)
+
+
+def _budget_fraction(state: Progress, budget: Any, steps_per_epoch: int) -> tuple[float, float]:
+    """Fraction of the budget spent before the next step, and one step's share of it."""
+    if budget.grad_evals is not None:
+        per_step = state.grad_evals / state.step if state.step else 1.0
+        return state.grad_evals / budget.grad_evals, per_step / budget.grad_evals
+    total = budget.epochs * steps_per_epoch
+    return state.step / total, 1.0 / total
+
+
+def _progress_info(state: Progress, loss: float) -> str:
+    return f"epoch {state.epoch + 1}  loss {loss:.3g}  closure calls {state.grad_evals}"
+
+
+def _done(state: Progress, budget: Any) -> int:
+    return state.grad_evals if budget.grad_evals is not None else state.step
+
+
+def run_file(
+    path: str | Path, out_dir: str | Path, resume: bool = False, **kwargs: Any
+) -> RunResult:
+    """:func:`run` on a TOML configuration file."""
+    return run(load_config(path), out_dir, resume=resume, **kwargs)

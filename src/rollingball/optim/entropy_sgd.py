@@ -1,0 +1,167 @@
+"""Entropy-SGD (Chaudhari et al., ICLR 2017, Algorithm 1), written from the paper.
+
+One step runs L Langevin (SGLD) iterations on the local-entropy objective around the current
+weights x, starting from x' = x:
+
+    dx' = ∇f(x') + λ_wd x' − γ (x − x')
+    x'  ← x' − η' dx' + √η' · ε · N(0, I)
+    μ   ← (1 − α) μ + α x'
+
+and then moves the weights along the local-entropy gradient γ (x − μ):
+
+    x ← x − η γ (x − μ)          (optionally through heavy-ball / Nesterov momentum)
+
+The scope γ grows after each step, γ_t = γ_0 (1 + γ_1)^t ("scoping"). Each Langevin iteration
+is one closure call on the step's minibatch, so a step costs L gradient evaluations. (The
+paper draws a fresh minibatch for each Langevin iteration; with a closure, the caller decides
+what each call sees. The project's runner passes the same minibatch, like every other
+multi-evaluation optimizer here.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["EntropySGD"]
+
+
+class EntropySGD(Optimizer):
+    """Entropy-SGD: gradient descent on the local entropy, estimated by L Langevin steps.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
+        lr: outer learning rate η on the local-entropy gradient γ (x − μ).
+        langevin_steps: L, the Langevin iterations (closure calls) per step.
+        inner_lr: η', the SGLD step size.
+        gamma: γ_0, the initial scope (coupling of x' to x).
+        scoping: γ_1; the scope is γ_0 (1 + γ_1)^t at step t.
+        noise: ε, the thermal noise; the SGLD noise is √η' · ε · N(0, I).
+        alpha: α, the weight of the newest Langevin iterate in the running mean μ.
+        momentum: heavy-ball momentum on the outer update (0 = Algorithm 1).
+        nesterov: use Nesterov momentum for the outer update.
+        weight_decay: L2 penalty added to the inner gradient.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        langevin_steps: int = 20,
+        inner_lr: float = 0.1,
+        gamma: float = 0.03,
+        scoping: float = 1e-3,
+        noise: float = 1e-4,
+        alpha: float = 0.75,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ) -> None:
+        for name, value in (
+            ("lr", lr),
+            ("inner_lr", inner_lr),
+            ("gamma", gamma),
+            ("scoping", scoping),
+            ("noise", noise),
+            ("momentum", momentum),
+            ("weight_decay", weight_decay),
+        ):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"EntropySGD: {name} must be a finite number >= 0, got {value}")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"EntropySGD: alpha must be in (0, 1], got {alpha}")
+        if int(langevin_steps) != langevin_steps or langevin_steps < 1:
+            raise ValueError(
+                f"EntropySGD: langevin_steps must be an integer >= 1, got {langevin_steps}"
+            )
+        if nesterov and momentum <= 0:
+            raise ValueError("EntropySGD: nesterov momentum needs momentum > 0")
+        defaults = dict(
+            lr=lr,
+            inner_lr=inner_lr,
+            gamma=gamma,
+            scoping=scoping,
+            noise=noise,
+            alpha=alpha,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            langevin_steps=int(langevin_steps),
+        )
+        super().__init__(params, defaults)
+        if len({g["langevin_steps"] for g in self.param_groups}) != 1:
+            raise ValueError("EntropySGD: every parameter group must use the same langevin_steps")
+        self.last_stats: dict[str, Any] = {}
+
+    def _global_state(self) -> dict[str, Any]:
+        # the step counter lives in the first parameter's state, so state_dict() carries it
+        first = self.param_groups[0]["params"][0]
+        return self.state[first]
+
+    def _step_count_value(self) -> int:
+        return int(self._global_state().get("step", 0))
+
+    def scope(self, group: dict[str, Any]) -> float:
+        """The scope γ for the next step of ``group``: γ_0 (1 + γ_1)^t."""
+        return float(group["gamma"] * (1.0 + group["scoping"]) ** self._step_count_value())
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+        """Run L Langevin iterations (L closure calls) and update the weights.
+
+        Returns the loss of the first closure call, i.e. at the weights before the step.
+        """
+        if closure is None:
+            raise RuntimeError("EntropySGD.step needs a closure (it evaluates the loss L times)")
+        langevin_steps = int(self.param_groups[0]["langevin_steps"])
+        groups = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.requires_grad]
+            anchor = [p.detach().clone() for p in params]  # x
+            groups.append((group, params, anchor, [a.clone() for a in anchor]))  # μ ← x
+
+        first_loss: Tensor | None = None
+        for _ in range(langevin_steps):
+            with torch.enable_grad():
+                loss = closure()
+            if first_loss is None:
+                first_loss = loss.detach() if isinstance(loss, Tensor) else torch.tensor(loss)
+            for group, params, anchor, mean in groups:
+                gamma = self.scope(group)
+                inner_lr, noise = group["inner_lr"], group["noise"]
+                for p, x, mu in zip(params, anchor, mean, strict=True):
+                    if p.grad is None:
+                        continue
+                    if p.grad.is_sparse:
+                        raise RuntimeError("EntropySGD does not support sparse gradients")
+                    direction = p.grad.detach().clone()
+                    if group["weight_decay"]:
+                        direction.add_(p, alpha=group["weight_decay"])
+                    direction.add_(x - p, alpha=-gamma)  # −γ (x − x')
+                    p.add_(direction, alpha=-inner_lr)
+                    if noise:
+                        p.add_(torch.randn_like(p), alpha=math.sqrt(inner_lr) * noise)
+                    mu.mul_(1.0 - group["alpha"]).add_(p, alpha=group["alpha"])
+
+        for group, params, anchor, mean in groups:
+            gamma = self.scope(group)
+            for p, x, mu in zip(params, anchor, mean, strict=True):
+                update = (x - mu).mul_(gamma)  # local-entropy gradient
+                if group["momentum"]:
+                    buf = self.state[p].get("momentum_buffer")
+                    if buf is None:
+                        buf = self.state[p]["momentum_buffer"] = update.clone()
+                    else:
+                        buf.mul_(group["momentum"]).add_(update)
+                    update = update.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                p.copy_(x.sub_(update, alpha=group["lr"]))
+        state = self._global_state()
+        state["step"] = int(state.get("step", 0)) + 1
+        assert first_loss is not None
+        self.last_stats = {"grad_evals": langevin_steps, "loss": float(first_loss)}
+        return first_loss
