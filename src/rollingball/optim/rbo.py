@@ -1,0 +1,463 @@
+"""RBO, the Rolling Ball Optimizer (Belgoumri et al., arXiv 2505.19527), as a torch.optim.Optimizer.
+
+One step on one minibatch, with f and g = ∇f at θ from the first closure call:
+
+    s = √(1 + ‖g‖²)                       the graph's upward normal is ν = (−g, 1)/s
+    c = (θ − ρ g/s, f + ρ/s)               the centre of the ball resting on the graph at θ
+    c̃ = c − η (v, ⟨g, v⟩)                  tangent step; v = g, or v ← μ v + g with momentum
+    θ ← argmin_x ½‖x − θ̃‖² + ½(f(x) − ỹ)²  projection of c̃ = (θ̃, ỹ) back onto the graph
+
+The landscape is f = κ (±loss + Σ_groups λ/2 ‖θ‖²): weight decay λ is part of it, κ is the
+loss scale and the sign is − when maximizing. `radius=0` is exactly torch.optim.SGD.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+from rollingball.optim.geometry import (
+    distance_to_graph_squared,
+    inner,
+    slope_factor,
+    squared_norm,
+)
+from rollingball.optim.projection import SOLVERS, make_solver
+
+Closure = Callable[[], Any]
+
+# Settings that describe the one ball and its landscape: every param group must agree on them.
+SHARED_SETTINGS = (
+    "radius",
+    "loss_scale",
+    "maximize",
+    "projection",
+    "projection_steps",
+    "projection_step_size",
+    "projection_tol",
+    "anderson_memory",
+    "on_nonfinite",
+)
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+class _NonFinite(Exception):
+    """A closure call produced a non-finite loss or gradient."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    """Refuse hyperparameters that have no meaning, with the reason."""
+    lr = float(group["lr"])
+    _require(lr >= 0, f"learning rate must be a finite number >= 0, got {group['lr']}")
+    _require(math.isfinite(lr), f"learning rate must be finite, got {group['lr']}")
+    radius = group["radius"]
+    _require(
+        isinstance(radius, (int, float)) and math.isfinite(radius) and radius >= 0,
+        f"radius must be a finite number >= 0, got {radius}",
+    )
+    _require(group["momentum"] >= 0, f"momentum must be >= 0, got {group['momentum']}")
+    _require(group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}")
+    _require(
+        math.isfinite(group["loss_scale"]) and group["loss_scale"] > 0,
+        f"loss_scale must be a finite number > 0, got {group['loss_scale']}",
+    )
+    _require(
+        group["projection"] in SOLVERS,
+        f"unknown projection solver {group['projection']!r}; choose one of {SOLVERS}",
+    )
+    steps = group["projection_steps"]
+    _require(
+        isinstance(steps, int) and steps >= 1, f"projection_steps must be an int >= 1, got {steps}"
+    )
+    _require(
+        group["projection_step_size"] > 0,
+        f"projection_step_size must be > 0, got {group['projection_step_size']}",
+    )
+    _require(
+        group["projection_tol"] >= 0, f"projection_tol must be >= 0, got {group['projection_tol']}"
+    )
+    memory = group["anderson_memory"]
+    _require(
+        isinstance(memory, int) and memory >= 1,
+        f"anderson_memory must be an int >= 1, got {memory}",
+    )
+    _require(
+        group["on_nonfinite"] in NONFINITE_POLICIES,
+        f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {group['on_nonfinite']!r}",
+    )
+
+
+class _Landscape:
+    """The closure seen as the landscape f = κ(±loss + Σ λ/2‖θ‖²) and its gradient."""
+
+    def __init__(
+        self,
+        closure: Closure,
+        groups: list[dict[str, Any]],
+        params: list[list[Tensor]],
+        settings: dict[str, Any],
+        process_group: Any,
+    ) -> None:
+        self.closure = closure
+        self.groups = groups
+        self.params = params
+        self.sign = -1.0 if settings["maximize"] else 1.0
+        self.scale = float(settings["loss_scale"])
+        self.process_group = process_group
+        self.calls = 0
+
+    def evaluate(self) -> tuple[Any, float, list[list[Tensor]]]:
+        """One closure call: (the closure's loss, f(x), the per-group ∇f(x) in `.grad`)."""
+        with torch.enable_grad():
+            loss = self.closure()
+        self.calls += 1
+        if loss is None:
+            raise RuntimeError("the closure must return the loss")
+        value = self._reduced(loss)
+        grads = [[self._grad(p) for p in params] for params in self.params]
+        if not math.isfinite(value):
+            raise _NonFinite(f"non-finite loss {value} at closure call {self.calls}")
+        value *= self.sign
+        for group, params, group_grads in zip(self.groups, self.params, grads, strict=True):
+            if self.sign < 0:
+                torch._foreach_neg_(group_grads)
+            decay = group["weight_decay"]
+            if decay:
+                value += 0.5 * decay * squared_norm(params)
+                torch._foreach_add_(group_grads, params, alpha=decay)
+            if self.scale != 1.0:
+                torch._foreach_mul_(group_grads, self.scale)
+        return loss, value * self.scale, grads
+
+    def _reduced(self, loss: Any) -> float:
+        """The loss as a float, averaged over the process group when training is distributed."""
+        if self.process_group is None:
+            return float(loss)
+        total = torch.as_tensor(loss).detach().reshape(()).to(torch.float64).clone()
+        dist.all_reduce(total, group=self.process_group)
+        return float(total) / dist.get_world_size(self.process_group)
+
+    @staticmethod
+    def _grad(param: Tensor) -> Tensor:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        grad = param.grad
+        if grad.is_sparse:
+            raise RuntimeError("RBO does not support sparse gradients")
+        return grad
+
+
+class _Projection:
+    """The problem a projection solver sees (see `projection.ProjectionProblem`).
+
+    It caches the offset u = x − θ̃, which stays small and exact as x moves, and the
+    height mismatch f(x) − ỹ = (f(x) − f(θ)) − h with h = ỹ − f(θ) = ρ/s − Σ η⟨g, v⟩.
+    Residual r(x) = u + (f(x) − ỹ) g, written into the `.grad` tensors; Gauss–Newton
+    direction (I + g gᵀ)⁻¹ r = u + g (f(x) − ỹ − ⟨g, u⟩)/(1 + ‖g‖²), in a new buffer.
+    """
+
+    def __init__(
+        self,
+        landscape: _Landscape,
+        params: list[Tensor],
+        offset: list[Tensor],
+        start: tuple[float, list[Tensor]],
+        lift: float,
+    ) -> None:
+        self.landscape = landscape
+        self.params = params
+        self.offset = offset
+        self.start_loss = start[0]
+        self.pending: tuple[float, list[Tensor]] | None = start
+        self.lift = lift
+
+    def move(self, direction: list[Tensor], alpha: float = 1.0) -> None:
+        torch._foreach_add_(self.params, direction, alpha=alpha)
+        torch._foreach_add_(self.offset, direction, alpha=alpha)
+
+    def evaluate(self, newton: bool) -> tuple[list[Tensor], float, float]:
+        if self.pending is None:
+            _, value, grads = self.landscape.evaluate()
+            grad = _flat(grads)
+        else:
+            (value, grad), self.pending = self.pending, None
+        mismatch = (value - self.start_loss) - self.lift
+        direction = None
+        if newton:
+            shift = (mismatch - inner(grad, self.offset)) / (1.0 + squared_norm(grad))
+            direction = list(torch._foreach_add(self.offset, grad, alpha=shift))
+        torch._foreach_mul_(grad, mismatch)
+        torch._foreach_add_(grad, self.offset)
+        norm = math.sqrt(squared_norm(grad))
+        if not math.isfinite(norm):
+            raise _NonFinite(f"non-finite gradient at closure call {self.landscape.calls}")
+        phi = 0.5 * distance_to_graph_squared(self.offset, mismatch)
+        return (grad if direction is None else direction), norm, phi
+
+
+class RBO(Optimizer):
+    """The Rolling Ball Optimizer.
+
+    Args:
+        params: parameters or param groups, as for any torch.optim optimizer.
+        lr: η, the tangent step of the ball centre (per group).
+        radius: ρ >= 0, the ball's radius; one ball, so every group holds the same radius.
+            `radius=0` is exactly torch.optim.SGD (one closure call per step).
+        projection: "anderson" (accelerated, default) or "gd" (the authors' scheme).
+        projection_steps: K, the most projection iterations per step.
+        projection_step_size: γ, the step of the fixed-point iteration x ← x − γ r(x).
+        projection_tol: stop when ‖r(x)‖ <= tol·‖r(θ)‖; 0 runs all K iterations.
+        momentum: μ, heavy ball on the centre's tangent step: v ← μ v + g (per group).
+        weight_decay: λ, part of the landscape: f + λ/2 ‖θ‖² (per group).
+        loss_scale: κ, scale of the vertical axis: the landscape is κ f.
+        maximize: roll on −f.
+        anderson_memory: m, the differences the Anderson solver keeps (2m + 1 buffers).
+        on_nonfinite: "raise" (FloatingPointError) or "skip" the step; either way the
+            parameters are left bit-for-bit as they were before the step.
+        process_group: under torch.distributed, the group over which the closure's loss is
+            averaged (one scalar all-reduce per closure call); by default the default group
+            when torch.distributed is initialised with more than one process.
+
+    `step(closure)` returns the closure's loss at the starting point; `last_stats` holds the
+    step's figures: grad_evals (closure calls), projection_steps, residual (‖r‖ relative to
+    ‖r(θ)‖), converged, safeguard_steps, skipped, loss.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        radius: float = 1.0,
+        projection: str = "anderson",
+        projection_steps: int = 20,
+        projection_step_size: float = 1.0,
+        projection_tol: float = 1e-4,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        loss_scale: float = 1.0,
+        maximize: bool = False,
+        anderson_memory: int = 5,
+        on_nonfinite: str = "raise",
+        process_group: Any = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            radius=radius,
+            projection=projection,
+            projection_steps=projection_steps,
+            projection_step_size=projection_step_size,
+            projection_tol=projection_tol,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            loss_scale=loss_scale,
+            maximize=maximize,
+            anderson_memory=anderson_memory,
+            on_nonfinite=on_nonfinite,
+        )
+        _validate_group(defaults)
+        super().__init__(params, defaults)
+        self._shared_settings()
+        self.process_group = process_group
+        self.last_stats: dict[str, Any] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group(group)
+        for p in group["params"]:
+            if torch.is_complex(p):
+                raise ValueError("RBO does not support complex parameters")
+
+    def _shared_settings(self) -> dict[str, Any]:
+        """The settings of the one ball, checked to be the same in every group."""
+        first = self.param_groups[0]
+        for group in self.param_groups[1:]:
+            for key in SHARED_SETTINGS:
+                if group[key] != first[key]:
+                    raise ValueError(
+                        f"every param group must hold the same {key} (one ball, one landscape): "
+                        f"got {first[key]!r} and {group[key]!r}"
+                    )
+        for group in self.param_groups:
+            _validate_group(group)
+        return {key: first[key] for key in SHARED_SETTINGS}
+
+    @property
+    def _counters(self) -> dict[str, Any]:
+        """Optimizer-wide counters, kept in the state of the first parameter (like LBFGS)."""
+        state = self.state[self.param_groups[0]["params"][0]]
+        for key in ("steps", "grad_evals", "skipped_steps"):
+            state.setdefault(key, 0)
+        return state
+
+    @property
+    def grad_evals(self) -> int:
+        """Closure calls made by this optimizer since it was created (survives state_dict)."""
+        return int(self._counters["grad_evals"])
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because of a non-finite loss or gradient (on_nonfinite="skip")."""
+        return int(self._counters["skipped_steps"])
+
+    def _resolved_process_group(self) -> Any:
+        if self.process_group is not None:
+            return self.process_group
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
+        return None
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Any:
+        """One RBO step on the closure's minibatch; returns the loss at the starting point."""
+        if closure is None:
+            raise RuntimeError(
+                "RBO needs a closure: step(closure) where closure() zeroes the gradients, "
+                "runs forward and backward on one minibatch and returns the loss"
+            )
+        settings = self._shared_settings()
+        groups = self.param_groups
+        params = [[p for p in group["params"] if p.requires_grad] for group in groups]
+        landscape = _Landscape(closure, groups, params, settings, self._resolved_process_group())
+        snapshot = [p.clone() for p in _flat(params)] if settings["radius"] else None
+        loss: Any = None
+        try:
+            loss, value, grads = landscape.evaluate()
+            grad_sq = squared_norm(_flat(grads))
+            if not math.isfinite(grad_sq):
+                raise _NonFinite(f"non-finite gradient at closure call {landscape.calls}")
+            directions = self._tangent_directions(params, grads)
+            if settings["radius"] == 0:
+                for group, group_params, v in zip(groups, params, directions, strict=True):
+                    torch._foreach_add_(group_params, v, alpha=-group["lr"])
+                stats = {
+                    "projection_steps": 0,
+                    "safeguard_steps": 0,
+                    "residual": 0.0,
+                    "converged": True,
+                }
+            else:
+                stats = self._roll(landscape, settings, params, grads, directions, value, grad_sq)
+        except _NonFinite as error:
+            if snapshot is not None:
+                torch._foreach_copy_(_flat(params), snapshot)
+            return self._skip_or_raise(error, settings["on_nonfinite"], landscape.calls, loss)
+        except BaseException:
+            if snapshot is not None:
+                torch._foreach_copy_(_flat(params), snapshot)
+            raise
+        self._commit_momentum(groups, params, directions)
+        counters = self._counters
+        counters["steps"] += 1
+        counters["grad_evals"] += landscape.calls
+        self.last_stats = {
+            **stats,
+            "grad_evals": landscape.calls,
+            "skipped": False,
+            "loss": float(loss),
+        }
+        return loss
+
+    def _skip_or_raise(self, error: _NonFinite, policy: str, calls: int, loss: Any) -> Any:
+        """Count a refused step (the parameters are already restored) and raise or skip it."""
+        counters = self._counters
+        counters["grad_evals"] += calls
+        self.last_stats = {
+            "grad_evals": calls,
+            "projection_steps": 0,
+            "safeguard_steps": 0,
+            "residual": math.nan,
+            "converged": False,
+            "skipped": True,
+            "loss": math.nan if loss is None else float(loss),
+        }
+        if policy == "raise":
+            raise FloatingPointError(
+                f"RBO step refused: {error}; the parameters are left as they were before the step"
+            ) from None
+        counters["skipped_steps"] += 1
+        return loss
+
+    def _tangent_directions(
+        self, params: list[list[Tensor]], grads: list[list[Tensor]]
+    ) -> list[list[Tensor]]:
+        """v = g, or v = μ v_prev + g with momentum (v_prev = g at the first step), per group.
+
+        The buffers are not touched here: `_commit_momentum` stores v once the step succeeded.
+        """
+        directions = []
+        for group, group_params, group_grads in zip(self.param_groups, params, grads, strict=True):
+            mu = group["momentum"]
+            if mu == 0:
+                directions.append(group_grads)
+                continue
+            v = []
+            for p, g in zip(group_params, group_grads, strict=True):
+                buffer = self.state[p].get("momentum_buffer")
+                v.append(g.clone() if buffer is None else torch.add(g, buffer, alpha=mu))
+            directions.append(v)
+        return directions
+
+    def _commit_momentum(
+        self,
+        groups: list[dict[str, Any]],
+        params: list[list[Tensor]],
+        directions: list[list[Tensor]],
+    ) -> None:
+        for group, group_params, v in zip(groups, params, directions, strict=True):
+            if group["momentum"] != 0:
+                for p, buffer in zip(group_params, v, strict=True):
+                    self.state[p]["momentum_buffer"] = buffer
+
+    def _roll(
+        self,
+        landscape: _Landscape,
+        settings: dict[str, Any],
+        params: list[list[Tensor]],
+        grads: list[list[Tensor]],
+        directions: list[list[Tensor]],
+        value: float,
+        grad_sq: float,
+    ) -> dict[str, Any]:
+        """Seat the ball, move its centre along the tangent, project it back onto the graph."""
+        radius = settings["radius"]
+        s = slope_factor(grad_sq)
+        offset: list[Tensor] = []  # u = θ − θ̃ = ρ g/s + η v
+        lift = radius / s  # h = ỹ − f(θ) = ρ/s − Σ η ⟨g, v⟩
+        for group, g, v in zip(self.param_groups, grads, directions, strict=True):
+            u = list(torch._foreach_mul(g, radius / s))
+            torch._foreach_add_(u, v, alpha=group["lr"])
+            offset.extend(u)
+            lift -= group["lr"] * (squared_norm(g) if v is g else inner(g, v))
+        solver = make_solver(
+            settings["projection"],
+            settings["projection_steps"],
+            settings["projection_step_size"],
+            settings["projection_tol"],
+            settings["anderson_memory"],
+        )
+        problem = _Projection(landscape, _flat(params), offset, (value, _flat(grads)), lift)
+        result = solver.solve(problem)
+        norm = result.initial_norm
+        relative = result.final_norm / norm if norm > 0 else 0.0
+        return {
+            "projection_steps": result.steps,
+            "safeguard_steps": result.safeguard_steps,
+            "residual": relative,
+            "converged": relative <= settings["projection_tol"],
+        }
+
+
+def _flat(groups: list[list[Tensor]]) -> list[Tensor]:
+    return [t for group in groups for t in group]
