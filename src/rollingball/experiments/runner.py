@@ -116,11 +116,14 @@ def train_step(
 
     inner = first_call_updates_batchnorm(model, closure) if bn_first_call_only else closure
     counted = CountingClosure(inner)
-    optimizer.step(counted)  # type: ignore[arg-type]  # closures may return tensors
+    try:
+        optimizer.step(counted)  # type: ignore[arg-type]  # closures may return tensors
+    except FloatingPointError:  # RBO refuses a non-finite step (parameters left as they were)
+        first["loss"] = torch.tensor(math.nan)
     stats = dict(getattr(optimizer, "last_stats", None) or {})
     return StepResult(
         loss=float(first["loss"]),
-        correct=int(first["correct"]),
+        correct=int(first.get("correct", 0)),
         count=len(targets),
         grad_evals=counted.calls,
         stats=stats,

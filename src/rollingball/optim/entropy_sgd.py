@@ -132,21 +132,7 @@ class EntropySGD(Optimizer):
             if first_loss is None:
                 first_loss = loss.detach() if isinstance(loss, Tensor) else torch.tensor(loss)
             for group, params, anchor, mean in groups:
-                gamma = self.scope(group)
-                inner_lr, noise = group["inner_lr"], group["noise"]
-                for p, x, mu in zip(params, anchor, mean, strict=True):
-                    if p.grad is None:
-                        continue
-                    if p.grad.is_sparse:
-                        raise RuntimeError("EntropySGD does not support sparse gradients")
-                    direction = p.grad.detach().clone()
-                    if group["weight_decay"]:
-                        direction.add_(p, alpha=group["weight_decay"])
-                    direction.add_(x - p, alpha=-gamma)  # −γ (x − x')
-                    p.add_(direction, alpha=-inner_lr)
-                    if noise:
-                        p.add_(torch.randn_like(p), alpha=math.sqrt(inner_lr) * noise)
-                    mu.mul_(1.0 - group["alpha"]).add_(p, alpha=group["alpha"])
+                self._langevin_update(group, params, anchor, mean)
 
         for group, params, anchor, mean in groups:
             gamma = self.scope(group)
@@ -165,3 +151,29 @@ class EntropySGD(Optimizer):
         assert first_loss is not None
         self.last_stats = {"grad_evals": langevin_steps, "loss": float(first_loss)}
         return first_loss
+
+    def _langevin_update(
+        self, group: dict[str, Any], params: list[Tensor], anchor: list[Tensor], mean: list[Tensor]
+    ) -> None:
+        """One SGLD iteration on x' (``params``) and the running mean μ, for one group."""
+        live = [i for i, p in enumerate(params) if p.grad is not None]
+        if not live:
+            return
+        ps = [params[i] for i in live]
+        grads = [params[i].grad for i in live]
+        if any(g.is_sparse for g in grads):  # type: ignore[union-attr]
+            raise RuntimeError("EntropySGD does not support sparse gradients")
+        xs, mus = [anchor[i] for i in live], [mean[i] for i in live]
+        gamma, inner_lr, noise = self.scope(group), group["inner_lr"], group["noise"]
+        direction = torch._foreach_sub(ps, xs)  # x' − x, so −γ (x − x') = γ (x' − x)
+        torch._foreach_mul_(direction, gamma)
+        torch._foreach_add_(direction, grads)  # type: ignore[arg-type]
+        if group["weight_decay"]:
+            torch._foreach_add_(direction, ps, alpha=group["weight_decay"])
+        torch._foreach_add_(ps, direction, alpha=-inner_lr)
+        if noise:
+            torch._foreach_add_(
+                ps, [torch.randn_like(p) for p in ps], alpha=math.sqrt(inner_lr) * noise
+            )
+        torch._foreach_mul_(mus, 1.0 - group["alpha"])
+        torch._foreach_add_(mus, ps, alpha=group["alpha"])

@@ -1,0 +1,256 @@
+"""Sub-commands ``run``, ``compare``, ``sweep`` and ``report`` of the ``rollingball`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser"]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``run``, ``compare``, ``sweep`` and ``report`` to the ``rollingball`` command."""
+    p = subparsers.add_parser(
+        "run", help="train one configuration (TOML)", description=_cmd_run.__doc__
+    )
+    p.add_argument(
+        "config", help="run configuration (TOML), e.g. experiments/paper/mnist_mlp_rbo.toml"
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--data-dir", help="directory with the dataset files (overrides the config)")
+    p.add_argument(
+        "--download", action="store_true", help="download torchvision datasets if missing"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
+    p = subparsers.add_parser(
+        "compare",
+        help="the main job: every optimizer on MNIST-1D, table + CSV + plots",
+        description=_cmd_compare.__doc__,
+    )
+    p.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs per run (default: 30)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per optimizer (default: 2)")
+    p.add_argument(
+        "--budget",
+        choices=["epochs", "grad_evals"],
+        default="epochs",
+        help="equal epochs, or an equal number of closure calls (default: epochs)",
+    )
+    p.add_argument(
+        "--grad-evals",
+        type=int,
+        help="closure calls per run under --budget grad_evals (default: 4 x SGD's for --epochs)",
+    )
+    p.add_argument("--data", default="mnist1d", help="dataset (default: mnist1d)")
+    p.add_argument("--model", default="mlp", help="model (default: mlp)")
+    p.add_argument("--optimizers", type=_names, help="comma-separated (default: all six)")
+    p.add_argument("--radii", type=_floats, help="RBO radii, comma-separated (default: 0.1,1,3)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--data-dir", help="directory with the dataset files")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
+    p.set_defaults(func=_cmd_compare)
+
+    p = subparsers.add_parser(
+        "sweep",
+        help="radius x learning-rate heat map (PNG + CSV)",
+        description=_cmd_sweep.__doc__,
+    )
+    p.add_argument("config", help="a run configuration (TOML); --radius needs optimizer rbo")
+    p.add_argument(
+        "--radius", type=_floats, help="RBO radii, e.g. 0.1,1,5 (default: as configured)"
+    )
+    p.add_argument("--lr", type=_floats, required=True, help="learning rates, e.g. 0.01,0.1,1")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--out", default="runs/sweep", help="output directory (default: runs/sweep)")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = subparsers.add_parser(
+        "report", help="tables and plots from saved runs", description=_cmd_report.__doc__
+    )
+    p.add_argument("dirs", nargs="+", help="run directories, or directories above them")
+    p.add_argument(
+        "--out", help="where to write summary.csv, report.md and plots (default: first DIR)"
+    )
+    p.set_defaults(func=_cmd_report)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=False)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Train one configuration; writes config.toml, metrics.jsonl and checkpoint.pt in --out."""
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from rollingball.experiments.config import ConfigError, load_config
+    from rollingball.experiments.data import DataNotFoundError
+    from rollingball.experiments.runner import run
+
+    console = _console()
+    try:
+        config = load_config(args.config)
+        if args.data_dir:
+            config.data.data_dir = args.data_dir
+        if args.download:
+            config.data.download = True
+        if args.device:
+            config.device = args.device
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        ]
+        with Progress(*columns, console=console, disable=args.no_progress) as progress:
+            result = run(config, args.out, resume=args.resume, progress_bar=progress)
+    except (ConfigError, DataNotFoundError, FileExistsError, ValueError) as error:
+        print(f"rollingball run: error: {error}", file=sys.stderr)
+        return 2
+    if result.interrupted:
+        console.print(
+            "interrupted; saved. Continue with: "
+            f"rollingball run {args.config} --out {args.out} --resume"
+        )
+        return 130
+    final = result.final
+    console.print(
+        f"done: test accuracy {100 * final['test_accuracy']:.2f}%, "
+        f"train loss {final['train_loss']:.4f}, "
+        f"{final['grad_evals']:,} closure calls, {final['wall_seconds']:.1f} s"
+        + (" (diverged)" if result.diverged else "")
+        + f" -> {args.out}"
+    )
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    """Train an MLP on MNIST-1D with sgd, momentum, adamw, sam, entropy_sgd and rbo (3 radii),
+    2 seeds; print a table, write summary.csv, report.md and plots."""
+    from rollingball.experiments.compare import (
+        DEFAULT_OPTIMIZERS,
+        DEFAULT_RADII,
+        CompareSpec,
+        compare,
+    )
+    from rollingball.experiments.config import ConfigError
+    from rollingball.experiments.data import DataNotFoundError
+
+    spec = CompareSpec(
+        data=args.data,
+        model=args.model,
+        epochs=args.epochs,
+        seeds=args.seeds,
+        budget=args.budget,
+        grad_evals=args.grad_evals,
+        optimizers=args.optimizers or DEFAULT_OPTIMIZERS,
+        radii=args.radii or DEFAULT_RADII,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+    )
+    try:
+        compare(spec, args.out, jobs=args.jobs, console=_console())
+    except (ConfigError, DataNotFoundError, ValueError) as error:
+        print(f"rollingball compare: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted; rerun the same command to continue "
+            f"(finished runs in {args.out} are kept)"
+        )
+        return 130
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Run an rbo configuration over a radius x learning-rate grid; write sweep.csv, heatmap.png."""
+    from rollingball.experiments.config import ConfigError, load_config
+    from rollingball.experiments.data import DataNotFoundError
+    from rollingball.experiments.sweep import sweep
+
+    console = _console()
+    try:
+        result = sweep(
+            load_config(args.config),
+            args.radius,
+            args.lr,
+            args.out,
+            seeds=args.seeds,
+            console=console,
+        )
+    except (ConfigError, DataNotFoundError, ValueError) as error:
+        print(f"rollingball sweep: error: {error}", file=sys.stderr)
+        return 2
+    console.print(f"wrote {Path(args.out) / 'sweep.csv'} and {result['heatmap']}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Summarise saved runs: print the table; write summary.csv, report.md and plots."""
+    from rollingball.experiments.atomic import atomic_write_text
+    from rollingball.experiments.plots import plot_curves
+    from rollingball.experiments.report import (
+        aggregate,
+        find_runs,
+        markdown_table,
+        rich_table,
+        summary_rows,
+        write_summary_csv,
+    )
+
+    console = _console()
+    try:
+        records = find_runs(args.dirs)
+    except FileNotFoundError as error:
+        print(f"rollingball report: error: {error}", file=sys.stderr)
+        return 2
+    if not records:
+        print(
+            "rollingball report: error: no runs (metrics.jsonl + config.toml) under "
+            + ", ".join(args.dirs),
+            file=sys.stderr,
+        )
+        return 2
+    out = Path(args.out or args.dirs[0])
+    rows = summary_rows(records)
+    table = aggregate(rows)
+    console.print(rich_table(table, f"{len(records)} run(s)"))
+    write_summary_csv(rows, out / "summary.csv")
+    plots = plot_curves(records, out)
+    text = (
+        "# Report\n\n"
+        + markdown_table(table)
+        + "\n"
+        + "\n".join(f"![{p.stem}]({p.name})" for p in plots)
+        + "\n"
+    )
+    atomic_write_text(out / "report.md", text)
+    console.print(f"wrote {out / 'summary.csv'}, {out / 'report.md'} and {len(plots)} plots")
+    return 0

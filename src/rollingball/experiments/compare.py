@@ -1,0 +1,231 @@
+"""``rollingball compare``: every optimizer on one small task, several seeds, one table.
+
+With no options: an MLP on MNIST-1D with sgd, momentum, adamw, sam, entropy_sgd and rbo at
+three radii, 2 seeds each, the same number of epochs for all (``--budget grad_evals`` gives
+each the same number of closure calls instead). The learning rates below were chosen by the
+sweep described in docs/results.md. Runs already finished in ``--out`` are reused, so an
+interrupted compare continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rollingball.experiments.atomic import atomic_write_text
+from rollingball.experiments.config import (
+    BudgetConfig,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RunConfig,
+    ScheduleConfig,
+    config_from_dict,
+    config_to_dict,
+)
+from rollingball.experiments.data import load_data, num_batches
+from rollingball.experiments.plots import plot_curves
+from rollingball.experiments.report import (
+    aggregate,
+    find_runs,
+    markdown_table,
+    rich_table,
+    summary_rows,
+    write_summary_csv,
+)
+from rollingball.experiments.runner import run
+
+__all__ = ["COMPARE_HPARAMS", "CompareSpec", "compare", "compare_configs"]
+
+DEFAULT_OPTIMIZERS = ("sgd", "momentum", "adamw", "sam", "entropy_sgd", "rbo")
+DEFAULT_RADII = (0.1, 1.0, 3.0)
+
+# learning rates etc. for the compare task (MLP on MNIST-1D, batch 100, cosine schedule),
+# chosen on a validation split as docs/results.md describes; everything else is the
+# registry default (rollingball.experiments.optimizers)
+COMPARE_HPARAMS: dict[str, dict[str, Any]] = {
+    "sgd": {"lr": 0.2},
+    "momentum": {"lr": 0.05},
+    "adamw": {"lr": 3e-3},
+    "sam": {"lr": 0.05, "rho": 0.05},
+    "entropy_sgd": {"lr": 1.0, "inner_lr": 0.1, "langevin_steps": 20},
+    "rbo": {"lr": 0.2},
+}
+
+
+@dataclass
+class CompareSpec:
+    """What ``compare`` runs."""
+
+    data: str = "mnist1d"
+    model: str = "mlp"
+    epochs: int = 30
+    seeds: int = 2
+    budget: str = "epochs"  # or "grad_evals"
+    grad_evals: int | None = None  # default: 4 x the closure calls of `epochs` epochs of SGD
+    optimizers: Sequence[str] = DEFAULT_OPTIMIZERS
+    radii: Sequence[float] = DEFAULT_RADII
+    batch_size: int = 100
+    data_dir: str | None = None
+    hparams: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(COMPARE_HPARAMS))
+
+    def validate(self) -> None:
+        if self.budget not in ("epochs", "grad_evals"):
+            raise ValueError(f"--budget must be 'epochs' or 'grad_evals', got {self.budget!r}")
+        if self.epochs < 1 or self.seeds < 1:
+            raise ValueError("--epochs and --seeds must be >= 1")
+        if self.grad_evals is not None and self.grad_evals < 1:
+            raise ValueError("--grad-evals must be >= 1")
+        if "rbo" in self.optimizers and not self.radii:
+            raise ValueError("rbo needs at least one radius (--radii)")
+
+
+def _slug(name: str, radius: float | None) -> str:
+    return name if radius is None else f"rbo_r{radius:g}"
+
+
+def compare_configs(spec: CompareSpec, steps_per_epoch: int) -> list[tuple[str, RunConfig]]:
+    """(run directory name, configuration) for every optimizer, radius and seed."""
+    spec.validate()
+    if spec.budget == "epochs":
+        budget = BudgetConfig(epochs=spec.epochs)
+    else:
+        budget = BudgetConfig(grad_evals=spec.grad_evals or 4 * spec.epochs * steps_per_epoch)
+    out = []
+    for name in spec.optimizers:
+        for radius in spec.radii if name == "rbo" else [None]:
+            hparams = dict(spec.hparams.get(name, {}))
+            if radius is not None:
+                hparams["radius"] = float(radius)
+            for seed in range(spec.seeds):
+                config = RunConfig(
+                    seed=seed,
+                    device="cpu",
+                    threads=1,
+                    data=DataConfig(
+                        name=spec.data, batch_size=spec.batch_size, data_dir=spec.data_dir
+                    ),
+                    model=ModelConfig(name=spec.model),
+                    optimizer=OptimizerConfig(name=name, hparams=hparams),
+                    schedule=ScheduleConfig(kind="cosine"),
+                    budget=budget,
+                )
+                out.append((f"{_slug(name, radius)}/seed{seed}", config.validate()))
+    return out
+
+
+def _run_in_worker(raw: dict[str, Any], out_dir: str) -> str:
+    torch.set_num_threads(1)
+    run(config_from_dict(raw), out_dir, resume=True)
+    return out_dir
+
+
+def compare(
+    spec: CompareSpec, out: str | Path, *, jobs: int = 1, console: Any = None
+) -> dict[str, Any]:
+    """Run the comparison into ``out``; print the table; write summary.csv, report.md, plots."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console()
+    out = Path(out)
+    started = time.perf_counter()
+    bundle = load_data(spec.data, spec.data_dir)  # fails early if the data is missing
+    steps = num_batches(bundle.train, spec.batch_size)
+    runs = compare_configs(spec, steps)
+    runs_dir = out / "runs"
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+    ]
+    with Progress(*columns, console=console, transient=True) as progress:
+        overall = progress.add_task("runs", total=len(runs), info="")
+        if jobs <= 1:
+            for name, config in runs:
+                progress.update(overall, info=name)
+                run(config, runs_dir / name, resume=True, data=bundle, progress_bar=progress)
+                progress.advance(overall)
+        else:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+                futures = [
+                    pool.submit(_run_in_worker, config_to_dict(config), str(runs_dir / name))
+                    for name, config in runs
+                ]
+                for future in as_completed(futures):
+                    progress.update(
+                        overall, info=Path(future.result()).relative_to(runs_dir).as_posix()
+                    )
+                    progress.advance(overall)
+    elapsed = time.perf_counter() - started
+    wanted = {(runs_dir / name).resolve() for name, _ in runs}
+    records = [r for r in find_runs([runs_dir]) if r.path.resolve() in wanted]
+    rows = summary_rows(records)
+    table = aggregate(rows)
+    budget_text = (
+        f"{spec.epochs} epochs each"
+        if spec.budget == "epochs"
+        else f"{runs[0][1].budget.grad_evals:,} closure calls each"
+    )
+    title = f"{spec.model} on {spec.data}: {budget_text}, {spec.seeds} seed(s)"
+    console.print(rich_table(table, title))
+    write_summary_csv(rows, out / "summary.csv")
+    plots = plot_curves(records, out, title="")
+    atomic_write_text(
+        out / "report.md", _report_markdown(spec, runs, table, plots, title, elapsed, jobs)
+    )
+    console.print(
+        f"wrote {out / 'summary.csv'}, {out / 'report.md'} and {len(plots)} plots ({elapsed:.0f} s)"
+    )
+    return {"rows": rows, "table": table, "plots": plots, "seconds": elapsed}
+
+
+def _report_markdown(
+    spec: CompareSpec,
+    runs: list[tuple[str, RunConfig]],
+    table: list[dict[str, Any]],
+    plots: list[Path],
+    title: str,
+    elapsed: float,
+    jobs: int,
+) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        f"Batch size {spec.batch_size}, cosine learning-rate schedule, CPU, one thread per run, "
+        f"{jobs} run(s) at a time. Test accuracy is measured after the last step; the final "
+        "train loss is the mean minibatch loss over the last epoch, measured at the start of "
+        "each step. Closure calls are forward + backward passes (RBO: 1 + projection "
+        "iterations per step; SAM: 2; Entropy-SGD: L).",
+        "",
+        markdown_table(table),
+        "Hyperparameters (all other values are the registry defaults):",
+        "",
+    ]
+    seen = set()
+    for _, config in runs:
+        key = (config.optimizer.name, tuple(sorted(config.optimizer.hparams.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        settings = ", ".join(f"{k} = {v}" for k, v in sorted(config.optimizer.hparams.items()))
+        lines.append(f"- `{config.optimizer.name}`: {settings or 'defaults'}")
+    lines += ["", "Plots:", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    lines += [
+        "",
+        f"Total time {elapsed:.0f} s on {platform.machine()} with torch {torch.__version__} "
+        f"({platform.processor() or 'unknown CPU'}).",
+        "",
+    ]
+    return "\n".join(lines)
