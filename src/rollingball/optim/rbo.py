@@ -405,7 +405,7 @@ class RBO(Optimizer):
             v = []
             for p, g in zip(group_params, group_grads, strict=True):
                 buffer = self.state[p].get("momentum_buffer")
-                v.append(g.clone() if buffer is None else torch.add(g, buffer, alpha=mu))
+                v.append(g.clone() if buffer is None else buffer.mul(mu).add_(g))
             directions.append(v)
         return directions
 
