@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from rollingball.optim.geometry import (
+    copy_,
     distance_to_graph_squared,
     inner,
     slope_factor,
@@ -143,7 +144,7 @@ class _Landscape:
     def _reduced(self, loss: Any) -> float:
         """The loss as a float, averaged over the process group when training is distributed."""
         if self.process_group is None:
-            return float(loss)
+            return _as_float(loss)
         total = torch.as_tensor(loss).detach().reshape(()).to(torch.float64).clone()
         dist.all_reduce(total, group=self.process_group)
         return float(total) / dist.get_world_size(self.process_group)
@@ -351,11 +352,11 @@ class RBO(Optimizer):
                 stats = self._roll(landscape, settings, params, grads, directions, value, grad_sq)
         except _NonFinite as error:
             if snapshot is not None:
-                torch._foreach_copy_(_flat(params), snapshot)
+                copy_(_flat(params), snapshot)
             return self._skip_or_raise(error, settings["on_nonfinite"], landscape.calls, loss)
         except BaseException:
             if snapshot is not None:
-                torch._foreach_copy_(_flat(params), snapshot)
+                copy_(_flat(params), snapshot)
             raise
         self._commit_momentum(groups, params, directions)
         counters = self._counters
@@ -380,7 +381,7 @@ class RBO(Optimizer):
             "residual": math.nan,
             "converged": False,
             "skipped": True,
-            "loss": math.nan if loss is None else float(loss),
+            "loss": math.nan if loss is None else _as_float(loss),
         }
         if policy == "raise":
             raise FloatingPointError(
@@ -457,6 +458,10 @@ class RBO(Optimizer):
             "residual": relative,
             "converged": relative <= settings["projection_tol"],
         }
+
+
+def _as_float(loss: Any) -> float:
+    return float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
 
 
 def _flat(groups: list[list[Tensor]]) -> list[Tensor]:

@@ -1,0 +1,255 @@
+"""RBO as a torch.optim citizen: refusals, nothing lost on bad values, state, schedules, stats."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rollingball import RBO
+
+
+def model_and_batch(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    return model, torch.randn(16, 4), torch.randint(0, 2, (16,))
+
+
+def closure_for(model, optimizer, x, y, poison_at=None, poison=math.nan, where="loss"):
+    """A closure that counts its calls and, at call number `poison_at`, returns a bad value."""
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if calls[0] == poison_at and where == "loss":
+            loss = loss * poison
+        loss.backward()
+        if calls[0] == poison_at and where == "grad":
+            next(model.parameters()).grad[0, 0] = poison
+        return loss
+
+    return closure, calls
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": -0.1}, "learning rate"),
+        ({"lr": math.nan}, "learning rate"),
+        ({"radius": -1.0}, "radius"),
+        ({"radius": math.nan}, "radius"),
+        ({"radius": math.inf}, "radius"),
+        ({"momentum": -0.5}, "momentum"),
+        ({"weight_decay": -1e-3}, "weight_decay"),
+        ({"projection_steps": 0}, "projection_steps"),
+        ({"projection_steps": 2.5}, "projection_steps"),
+        ({"projection": "newton"}, "unknown projection solver"),
+        ({"projection_step_size": 0.0}, "projection_step_size"),
+        ({"projection_step_size": -1.0}, "projection_step_size"),
+        ({"projection_tol": -1e-6}, "projection_tol"),
+        ({"loss_scale": 0.0}, "loss_scale"),
+        ({"anderson_memory": 0}, "anderson_memory"),
+        ({"on_nonfinite": "ignore"}, "on_nonfinite"),
+    ],
+)
+def test_bad_hyperparameters_are_refused_with_a_clear_message(options, message):
+    model, _, _ = model_and_batch()
+    with pytest.raises(ValueError, match=message):
+        RBO(model.parameters(), **{"lr": 0.1, **options})
+
+
+def test_groups_with_different_radii_are_refused():
+    model, x, y = model_and_batch()
+    first, _, second = model.children()
+    with pytest.raises(ValueError, match="same radius"):
+        RBO(
+            [{"params": first.parameters(), "radius": 1.0}, {"params": second.parameters()}],
+            radius=0.5,
+        )
+    opt = RBO([{"params": first.parameters()}, {"params": second.parameters()}], lr=0.1, radius=0.5)
+    opt.param_groups[1]["radius"] = 2.0  # a radius schedule that forgot a group
+    before = copy.deepcopy(model.state_dict())
+    closure, _ = closure_for(model, opt, x, y)
+    with pytest.raises(ValueError, match="same radius"):
+        opt.step(closure)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_step_without_closure_is_refused():
+    model, _, _ = model_and_batch()
+    with pytest.raises(RuntimeError, match="needs a closure"):
+        RBO(model.parameters(), lr=0.1).step()
+
+
+def test_complex_parameters_are_refused():
+    with pytest.raises(ValueError, match="complex"):
+        RBO([torch.zeros(3, dtype=torch.complex64, requires_grad=True)], lr=0.1)
+
+
+def test_sparse_gradients_are_refused_and_nothing_changes():
+    embedding = nn.Embedding(10, 3, sparse=True)
+    before = embedding.weight.detach().clone()
+    opt = RBO(embedding.parameters(), lr=0.1, radius=0.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = embedding(torch.tensor([1, 2])).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step(closure)
+    assert torch.equal(embedding.weight, before)
+
+
+@pytest.mark.parametrize("projection", ["anderson", "gd"])
+@pytest.mark.parametrize("where", ["loss", "grad"])
+@pytest.mark.parametrize("poison", [math.nan, math.inf])
+@pytest.mark.parametrize("call", [1, 2, 4])
+def test_non_finite_values_leave_every_parameter_as_it_was(projection, where, poison, call):
+    model, x, y = model_and_batch()
+    opt = RBO(
+        model.parameters(),
+        lr=0.5,
+        radius=1.0,
+        momentum=0.9,
+        projection=projection,
+        projection_steps=6,
+        projection_tol=0.0,
+    )
+    warmup, _ = closure_for(model, opt, x, y)
+    opt.step(warmup)  # so that there is a momentum buffer to protect too
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    evals = opt.grad_evals
+    closure, calls = closure_for(model, opt, x, y, poison_at=call, poison=poison, where=where)
+    with pytest.raises(FloatingPointError, match=f"closure call {call}"):
+        opt.step(closure)
+    assert calls[0] == call
+    for p, before, buffer in zip(model.parameters(), params, buffers, strict=True):
+        assert torch.equal(p, before)
+        assert torch.equal(opt.state[p]["momentum_buffer"], buffer)
+    assert opt.grad_evals == evals + call  # the closure calls spent are still counted
+    assert opt.last_stats["skipped"] is True
+
+
+def test_skip_mode_counts_the_skipped_step_and_training_goes_on():
+    model, x, y = model_and_batch()
+    opt = RBO(model.parameters(), lr=0.5, radius=1.0, on_nonfinite="skip")
+    params = [p.detach().clone() for p in model.parameters()]
+    closure, _ = closure_for(model, opt, x, y, poison_at=3, where="grad")
+    loss = opt.step(closure)
+    assert torch.isfinite(loss)
+    assert opt.skipped_steps == 1 and opt.last_stats["skipped"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+    good, _ = closure_for(model, opt, x, y)
+    opt.step(good)
+    assert not opt.last_stats["skipped"]
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+
+
+def test_an_interrupt_inside_the_projection_restores_the_parameters():
+    model, x, y = model_and_batch()
+    opt = RBO(model.parameters(), lr=0.5, radius=1.0)
+    params = [p.detach().clone() for p in model.parameters()]
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params, strict=True))
+
+
+def train(model, opt, x, y, steps):
+    for _ in range(steps):
+        closure, _ = closure_for(model, opt, x, y)
+        opt.step(closure)
+
+
+@pytest.mark.parametrize("projection", ["anderson", "gd"])
+def test_state_dict_round_trip_mid_training_gives_the_same_trajectory(projection):
+    model, x, y = model_and_batch()
+    opt = RBO(model.parameters(), lr=0.3, radius=0.5, momentum=0.9, projection=projection)
+    train(model, opt, x, y, 5)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    train(model, opt, x, y, 5)
+
+    resumed, _, _ = model_and_batch(seed=1)
+    resumed.load_state_dict(saved_model)
+    resumed_opt = RBO(resumed.parameters(), lr=1.0, radius=3.0, projection=projection)
+    resumed_opt.load_state_dict(saved_opt)
+    assert resumed_opt.param_groups[0]["radius"] == 0.5
+    assert resumed_opt.param_groups[0]["momentum"] == 0.9
+    train(resumed, resumed_opt, x, y, 5)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert resumed_opt.grad_evals == opt.grad_evals > 10
+
+
+def test_lr_scheduler_and_radius_schedule_drive_the_step():
+    a = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    theta = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = RBO([theta], lr=0.4, radius=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = a @ theta
+        loss.backward()
+        return loss
+
+    expected = torch.zeros(2, dtype=torch.float64)
+    for lr in (0.4, 0.2, 0.1):
+        opt.step(closure)
+        scheduler.step()
+        expected -= lr * a
+        torch.testing.assert_close(theta.detach(), expected, rtol=0, atol=1e-12)
+    opt.param_groups[0]["radius"] = 0.0  # a radius schedule: the ball shrinks to a point
+    opt.step(closure)
+    assert opt.last_stats["grad_evals"] == 1
+
+
+def test_named_parameters_and_param_groups():
+    model, x, y = model_and_batch()
+    opt = RBO(model.named_parameters(), lr=0.1, radius=0.2)
+    assert opt.param_groups[0]["param_names"][0] == "0.weight"
+    closure, calls = closure_for(model, opt, x, y)
+    opt.step(closure)
+    stats = opt.last_stats
+    assert stats["grad_evals"] == calls[0] == 1 + stats["projection_steps"]
+    assert set(stats) >= {"grad_evals", "projection_steps", "residual", "converged", "loss"}
+
+
+def test_stats_report_non_convergence_and_the_step_still_completes():
+    model, x, y = model_and_batch()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = RBO(model.parameters(), lr=2.0, radius=5.0, projection_steps=2, projection_tol=1e-12)
+    closure, calls = closure_for(model, opt, x, y)
+    opt.step(closure)
+    assert opt.last_stats["converged"] is False
+    assert 0 < opt.last_stats["residual"] < math.inf
+    assert calls[0] == opt.last_stats["grad_evals"] <= 3
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_the_returned_loss_is_the_closures_loss_at_the_start():
+    model, x, y = model_and_batch()
+    expected = nn.functional.cross_entropy(model(x), y)
+    opt = RBO(model.parameters(), lr=0.3, radius=0.5)
+    closure, _ = closure_for(model, opt, x, y)
+    loss = opt.step(closure)
+    assert torch.equal(loss.detach(), expected.detach())
+    assert opt.last_stats["loss"] == pytest.approx(expected.item())
