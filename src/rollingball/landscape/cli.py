@@ -1,0 +1,211 @@
+"""`rollingball iron` and `rollingball landscape`: the microscope's two commands."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rollingball.landscape.functions import FUNCTIONS, get_function
+from rollingball.landscape.ironing import iron
+from rollingball.landscape.plots import Run, plot_ironed, plot_trajectories
+from rollingball.landscape.sharpness import dataset_loss
+from rollingball.landscape.slices import filter_normalized_direction, ironed_slices, loss_slice
+from rollingball.landscape.trajectories import trajectory
+from rollingball.optim.rbo import RBO
+
+__all__ = ["add_parser"]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _positive_radii(text: str) -> list[float]:
+    radii = _floats(text)
+    if not radii or any(r <= 0 for r in radii):
+        raise argparse.ArgumentTypeError(f"radii must be positive, got {text!r}")
+    return radii
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``iron`` and ``landscape`` sub-commands."""
+    iron_parser = subparsers.add_parser(
+        "iron",
+        help="iron a synthetic landscape at several radii and run RBO and GD on it",
+        description="Writes ironed.png, trajectories.png and trajectories.csv to --out.",
+    )
+    iron_parser.add_argument("function", choices=sorted(FUNCTIONS))
+    iron_parser.add_argument("--dim", type=int, choices=(1, 2), default=1)
+    iron_parser.add_argument("--radii", type=_positive_radii, default=[0.01, 0.1, 1.0])
+    iron_parser.add_argument(
+        "--start", type=_floats, action="append",
+        help="start point, comma-separated (one value is used for every coordinate); repeat "
+        "for several starts. Default: the function's own start.",
+    )  # fmt: skip
+    iron_parser.add_argument("--steps", type=int, default=500)
+    iron_parser.add_argument("--lr", type=float, default=1e-3)
+    iron_parser.add_argument("--projection", choices=("anderson", "gd"), default="anderson")
+    iron_parser.add_argument("--projection-steps", type=int, default=20)
+    iron_parser.add_argument("--domain", type=_floats, help="lo,hi of every coordinate")
+    iron_parser.add_argument("--points", type=int, help="grid points per axis (1-D 4001, 2-D 201)")
+    iron_parser.add_argument("--out", type=Path, default=Path("out/iron"))
+    iron_parser.set_defaults(func=run_iron)
+
+    slice_parser = subparsers.add_parser(
+        "landscape",
+        help="loss slices of a trained model along filter-normalised directions, ironed",
+        description="Writes slice.png, slice.csv and slice.json to --out.",
+    )
+    slice_parser.add_argument(
+        "--state-dict", type=Path, required=True,
+        help="a state_dict file, or a training checkpoint holding it under 'model'",
+    )  # fmt: skip
+    slice_parser.add_argument("--model", default="mlp", help="model name (experiments registry)")
+    slice_parser.add_argument("--hidden", type=_floats, help="hidden widths of an mlp, e.g. 64,64")
+    slice_parser.add_argument("--data", default="digits", help="data set name")
+    slice_parser.add_argument("--data-dir", type=Path)
+    slice_parser.add_argument("--split", choices=("train", "test"), default="train")
+    slice_parser.add_argument("--max-samples", type=int, help="use the first N samples only")
+    slice_parser.add_argument("--batch-size", type=int, default=1024)
+    slice_parser.add_argument("--dim", type=int, choices=(1, 2), default=2)
+    slice_parser.add_argument("--span", type=float, default=1.0, help="coordinates in [-S, S]")
+    slice_parser.add_argument("--points", type=int, default=21, help="grid points per axis")
+    slice_parser.add_argument("--radii", type=_positive_radii, default=[0.05, 0.2])
+    slice_parser.add_argument(
+        "--include-1d", action="store_true",
+        help="also move biases and norm weights (left out in Li et al.)",
+    )  # fmt: skip
+    slice_parser.add_argument("--seed", type=int, default=0)
+    slice_parser.add_argument(
+        "--train-mode", action="store_true", help="evaluate in train mode (default: eval mode)"
+    )
+    slice_parser.add_argument("--no-progress", action="store_true")
+    slice_parser.add_argument("--out", type=Path, default=Path("out/landscape"))
+    slice_parser.set_defaults(func=run_landscape)
+
+
+def run_iron(args: argparse.Namespace) -> int:
+    """Ironed figure, trajectories figure and a CSV of the runs' end points."""
+    fn = get_function(args.function, args.dim)
+    lo, hi = args.domain if args.domain else fn.domain
+    points = args.points or (4001 if args.dim == 1 else 201)
+    axis = np.linspace(lo, hi, points)
+    spacing = float(axis[1] - axis[0])
+    mesh = torch.meshgrid(*[torch.from_numpy(axis)] * args.dim, indexing="ij")
+    with torch.no_grad():
+        values = fn(torch.stack(mesh, -1)).numpy()
+    surfaces = {r: iron(values, spacing, r) for r in args.radii}
+    grid = [axis] * args.dim
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"{fn.name} ({args.dim}-D)"
+    figure = plot_ironed(grid, values, surfaces, f"{name}: ironed at each radius")
+    figure.savefig(args.out / "ironed.png", dpi=110)
+
+    starts = args.start or [[fn.start]]
+    runs, rows = [], []
+    for start in starts:
+        if len(start) not in (1, args.dim):
+            raise SystemExit(f"--start needs 1 or {args.dim} values, got {len(start)}")
+        theta0 = torch.tensor(start * args.dim if len(start) == 1 else start, dtype=torch.float64)
+        where = ",".join(f"{v:g}" for v in theta0.tolist())
+        configs = [("GD", 0.0)] + [("RBO", r) for r in args.radii]
+        for label, radius in configs:
+
+            def make(params: list[torch.Tensor], radius: float = radius) -> torch.optim.Optimizer:
+                if radius == 0:
+                    return torch.optim.SGD(params, lr=args.lr)
+                return RBO(
+                    params, lr=args.lr, radius=radius, projection=args.projection,
+                    projection_steps=args.projection_steps,
+                )  # fmt: skip
+
+            run = trajectory(fn, theta0, make, args.steps)
+            full = f"{label} from ({where})" if len(starts) > 1 else label
+            runs.append(Run(full, radius, run))
+            end = run.end.tolist()
+            rows.append(
+                {"optimizer": label, "radius": radius, "start": where, "lr": args.lr,
+                 "steps": args.steps, **{f"end_{i}": v for i, v in enumerate(end)},
+                 "final_loss": float(run.loss[-1]), "closure_calls": int(run.closure_calls[-1])}
+            )  # fmt: skip
+    title = f"{name}: RBO (red) against GD (blue), lr {args.lr:g}, {args.steps} steps"
+    figure = plot_trajectories(grid, values, surfaces, runs, title)
+    figure.savefig(args.out / "trajectories.png", dpi=110)
+    with open(args.out / "trajectories.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        print(
+            f"{row['optimizer']:>4} ρ={row['radius']:<6g} from ({row['start']}): "
+            f"loss {row['final_loss']:.6g} after {row['closure_calls']} closure calls"
+        )
+    print(f"wrote {args.out}/ironed.png, trajectories.png, trajectories.csv")
+    return 0
+
+
+def run_landscape(args: argparse.Namespace) -> int:
+    """Slice figure with its ironed versions, the slice's values (CSV) and settings (JSON)."""
+    from rollingball.experiments.data import TensorData, load_data
+    from rollingball.experiments.models import build_model
+
+    bundle = load_data(args.data, args.data_dir)
+    dataset = bundle.train if args.split == "train" else bundle.test
+    if not isinstance(dataset, TensorData):
+        raise SystemExit(f"{args.data} {args.split} is not held as tensors; cannot slice it")
+    total = len(dataset)
+    count = total if args.max_samples is None else min(args.max_samples, total)
+    inputs, targets = dataset.inputs[:count], dataset.targets[:count]
+    kwargs = {} if args.hidden is None else {"hidden": [int(h) for h in args.hidden]}
+    model = build_model(args.model, bundle.input_shape, bundle.num_classes, **kwargs)
+    payload = torch.load(args.state_dict, map_location="cpu", weights_only=True)
+    model.load_state_dict(payload.get("model", payload) if isinstance(payload, dict) else payload)
+    model.train(args.train_mode)
+    batches = list(zip(inputs.split(args.batch_size), targets.split(args.batch_size), strict=True))
+    loss_fn = dataset_loss(model, torch.nn.functional.cross_entropy, batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(args.seed)
+    directions = [
+        filter_normalized_direction(params, args.include_1d, generator) for _ in range(args.dim)
+    ]
+    axis = np.linspace(-args.span, args.span, args.points)
+    values = loss_slice(
+        loss_fn, params, directions, [axis] * args.dim, progress=not args.no_progress
+    )
+    surfaces = ironed_slices(values, [axis] * args.dim, args.radii)
+    args.out.mkdir(parents=True, exist_ok=True)
+    title = f"{args.model} on {args.data} ({args.split}, {count} samples): loss slice"
+    labels = ("α (direction 1)", "β (direction 2)")
+    plot_ironed([axis] * args.dim, values, surfaces, title, labels).savefig(
+        args.out / "slice.png", dpi=110
+    )
+    columns = ["alpha", "beta"][: args.dim] + ["loss"] + [f"ironed_{r:g}" for r in args.radii]
+    with open(args.out / "slice.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for index in np.ndindex(values.shape):
+            coordinates = [axis[i] for i in index]
+            writer.writerow([*coordinates, values[index], *(s[index] for s in surfaces.values())])
+    with torch.no_grad():
+        trained = float(loss_fn())
+    summary = {
+        "model": args.model, "data": args.data, "split": args.split, "samples": count,
+        "mode": "train" if args.train_mode else "eval", "seed": args.seed,
+        "loss_at_trained": trained, "min_loss": float(values.min()),
+        "unreachable_fraction": {f"{r:g}": float(np.mean(s > values + 1e-12))
+                                 for r, s in surfaces.items()},
+    }  # fmt: skip
+    (args.out / "slice.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"loss at the trained parameters {trained:.6g}; wrote {args.out}/")
+    return 0
