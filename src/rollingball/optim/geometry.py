@@ -2,31 +2,75 @@
 
 Every function works on all parameter tensors at once with `torch._foreach_*` kernels and
 returns Python floats (float64) for scalars, so that the decisions of a step are taken on
-exactly the same numbers on every process.
+exactly the same numbers on every process. Parameters sharded as DTensors (FSDP2's
+`fully_shard`) count with their whole global tensor: the sums over the local shards are
+all-reduced over the shards' mesh, one scalar collective per sum and placement.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
+try:
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+except ImportError:  # a torch built without distributed support has no DTensor
+    DTensor = None  # type: ignore[assignment,misc]
+
 
 def squared_norm(tensors: list[Tensor]) -> float:
     """‖a‖² = Σ_t ‖a_t‖², accumulated in float64."""
-    if not tensors:
-        return 0.0
-    norms = torch._foreach_norm(tensors)
-    return float(torch.stack([n.double() for n in norms]).square().sum())
+    groups: dict[Any, list[Tensor]] = {}
+    for t in tensors:
+        layout, local = _local(t)
+        groups.setdefault(layout, []).append(local)
+    total = 0.0
+    for layout, local_tensors in groups.items():
+        norms = torch._foreach_norm(local_tensors)
+        total += _global(torch.stack([n.double() for n in norms]).square().sum(), layout)
+    return total
 
 
 def inner(a: list[Tensor], b: list[Tensor]) -> float:
     """⟨a, b⟩ = Σ_t ⟨a_t, b_t⟩, each term in its own dtype, the sum in float64."""
-    if not a:
-        return 0.0
-    terms = [torch.vdot(x.reshape(-1), y.reshape(-1)).double() for x, y in zip(a, b, strict=True)]
-    return float(torch.stack(terms).sum())
+    groups: dict[Any, list[Tensor]] = {}
+    for x, y in zip(a, b, strict=True):
+        layout, x_local = _local(x)
+        y_local = _local(y)[1]
+        term = torch.vdot(x_local.reshape(-1), y_local.reshape(-1)).double()
+        groups.setdefault(layout, []).append(term)
+    return sum((_global(torch.stack(terms).sum(), layout) for layout, terms in groups.items()), 0.0)
+
+
+def copy_(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """targets ← sources (tensor by tensor for DTensors, which have no `_foreach_copy_`)."""
+    if DTensor is not None and any(isinstance(t, DTensor) for t in targets):
+        for target, source in zip(targets, sources, strict=True):
+            target.copy_(source)
+    else:
+        torch._foreach_copy_(targets, sources)
+
+
+def _local(t: Tensor) -> tuple[Any, Tensor]:
+    """(layout, local tensor): layout None for an ordinary tensor, (mesh, placements) and the
+    local shard for a DTensor."""
+    if DTensor is None or not isinstance(t, DTensor):
+        return None, t
+    if any(p.is_partial() for p in t.placements):
+        raise ValueError("RBO needs sharded or replicated DTensors, not pending partial sums")
+    return (t.device_mesh, tuple(t.placements)), t.to_local()
+
+
+def _global(local_sum: Tensor, layout: Any) -> float:
+    """A sum over local shards made global: all-reduced over the mesh dimensions that shard."""
+    if layout is None:
+        return float(local_sum)
+    mesh, placements = layout
+    summed = [Partial() if p.is_shard() else Replicate() for p in placements]
+    return float(DTensor.from_local(local_sum, mesh, summed, run_check=False).full_tensor())
 
 
 def slope_factor(grad_squared_norm: float) -> float:

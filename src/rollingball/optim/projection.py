@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from rollingball.optim.geometry import inner
+from rollingball.optim.geometry import copy_, inner
 
 SOLVERS = ("anderson", "gd")
 
@@ -119,7 +119,7 @@ class AndersonProjection:
                 safeguards += 1
             x_steps.append(step)
             p_steps.append(list(torch._foreach_sub(direction, previous)))
-            torch._foreach_copy_(previous, direction)
+            copy_(previous, direction)
             norm, phi_current = new_norm, phi
         return ProjectionResult(calls, initial, norm, safeguards)
 
