@@ -9,6 +9,7 @@ loader shards the data with a ``DistributedSampler``.
 
 from __future__ import annotations
 
+import gzip
 import os
 import random
 from dataclasses import dataclass
@@ -135,7 +136,9 @@ def load_data(
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    if augment and not name.startswith("cifar"):
+        raise ValueError("augment (random crop + flip) is defined for CIFAR-10/100 only")
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     if name == "mnist1d":
         (xtr, ytr), (xte, yte) = _mnist1d(root)
         num_classes = 10
@@ -150,8 +153,6 @@ def load_data(
         n_val = max(1, round(val_fraction * len(ytr)))
         val = TensorData(xtr[order[:n_val]], ytr[order[:n_val]])
         xtr, ytr = xtr[order[n_val:]], ytr[order[n_val:]]
-    if augment and not name.startswith("cifar"):
-        raise ValueError("augment (random crop + flip) is defined for CIFAR-10/100 only")
     train: Dataset[Any] = AugmentedImages(xtr, ytr) if augment else TensorData(xtr, ytr)
     return DataBundle(name, train, TensorData(xte, yte), val, num_classes, tuple(xtr.shape[1:]))
 
@@ -250,6 +251,8 @@ def _torchvision(
         "cifar100": datasets.CIFAR100,
     }
     cls = classes[name]
+    if name in ("mnist", "fashion_mnist"):
+        _gunzip_idx(root / cls.__name__ / "raw")
     splits = []
     for train in (True, False):
         try:
@@ -266,6 +269,19 @@ def _torchvision(
         splits.append((inputs.contiguous(), targets))
     num_classes = 100 if name == "cifar100" else 10
     return splits[0], splits[1], num_classes
+
+
+def _gunzip_idx(raw: Path) -> None:
+    """Decompress ``*-ubyte.gz`` IDX files that have no decompressed copy yet (torchvision
+    reads the decompressed files, and only decompresses what it downloads itself)."""
+    if not raw.is_dir():
+        return
+    for packed in raw.glob("*-ubyte.gz"):
+        target = packed.with_suffix("")
+        if not target.exists():
+            with gzip.open(packed, "rb") as handle:
+                content = handle.read()
+            atomic_write(target, lambda out, content=content: out.write(content))
 
 
 def _missing_message(name: str, root: Path, download: bool, error: Exception) -> str:
