@@ -43,8 +43,8 @@ def test_running_stats_after_one_step_equal_those_after_one_forward(name):
     model = _model()
     x, y = _batch()
     expected = _stats_after_one_forward(model, x)
-    hparams = {"rbo": {"lr": 0.1, "radius": 0.5}, "sam": {}, "entropy_sgd": {"langevin_steps": 5}}[name]
-    opt = build_optimizer(name, model.parameters(), **hparams)
+    hparams = {"rbo": {"lr": 0.1, "radius": 0.5}, "sam": {}, "entropy_sgd": {"langevin_steps": 5}}
+    opt = build_optimizer(name, model.parameters(), **hparams[name])
     calls = []
 
     def closure():

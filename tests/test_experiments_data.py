@@ -143,7 +143,7 @@ def test_digits_split_and_validation_split():
     assert len(bundle.train) == 1437 and len(bundle.test) == 360
     assert bundle.input_shape == (1, 8, 8)
     x, _ = bundle.train[list(range(len(bundle.train)))]
-    assert 0.0 <= x.min().item() and x.max().item() == 1.0
+    assert x.min().item() >= 0.0 and x.max().item() == 1.0
     split = load_data("digits", val_fraction=0.1, seed=3)
     assert len(split.val) == 144 and len(split.train) == 1437 - 144
     again = load_data("digits", val_fraction=0.1, seed=3)
