@@ -186,10 +186,13 @@ def make_loader(
     else:
         sampler = SequentialSampler(dataset)  # type: ignore[arg-type]
     batches = list(BatchSampler(sampler, batch_size, drop_last))[start_batch:]
+    # the loader draws a base seed for its workers when it starts; from its own generator,
+    # so that starting a loader does not move torch's global RNG (resume stays bit-for-bit)
+    base = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
     if isinstance(dataset, TensorData):
         # one indexing operation per batch instead of one per example
-        return DataLoader(dataset, sampler=batches, batch_size=None)
-    return DataLoader(dataset, batch_sampler=batches)
+        return DataLoader(dataset, sampler=batches, batch_size=None, generator=base)
+    return DataLoader(dataset, batch_sampler=batches, generator=base)
 
 
 def num_batches(dataset: Dataset[Any], batch_size: int, drop_last: bool = False) -> int:

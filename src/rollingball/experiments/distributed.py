@@ -1,0 +1,163 @@
+"""Distributed runs: set-up from ``torchrun``'s environment, and local multi-process jobs.
+
+Under ``torchrun --nproc_per_node N -m rollingball run CONFIG`` every process calls
+:func:`init_from_env`, wraps its model with :func:`wrap_model` (DistributedDataParallel,
+optionally with SyncBatchNorm) and trains on its shard of every epoch (the loaders of
+``data.make_loader`` use a ``DistributedSampler`` once a process group exists). Metrics are
+summed with :func:`all_sum` and only the process of rank 0 writes files (:func:`is_main`).
+
+:func:`spawn` runs a function on N local processes with a fresh gloo process group and a
+deadline: the tests and ``benchmarks/bench_ddp.py`` use it to run real distributed jobs
+on one CPU machine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = [
+    "all_sum",
+    "init_from_env",
+    "is_distributed",
+    "is_main",
+    "rank",
+    "spawn",
+    "world_size",
+    "wrap_model",
+]
+
+
+def is_distributed() -> bool:
+    """Whether a torch.distributed process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank (0 outside a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """The number of processes (1 outside a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Whether this process writes files and prints: rank 0, or the only process."""
+    return rank() == 0
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool:
+    """Initialise torch.distributed from the variables ``torchrun`` sets.
+
+    Returns whether the run is distributed: False (and nothing is done) when ``WORLD_SIZE``
+    is unset or 1. The backend defaults to NCCL when CUDA is available, gloo otherwise; with
+    NCCL each process takes the GPU numbered by ``LOCAL_RANK``.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return True
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def wrap_model(model: nn.Module, sync_batchnorm: bool = False) -> nn.Module:
+    """``model`` for data-parallel training: SyncBatchNorm if asked, then DDP.
+
+    Outside a process group the model is returned unchanged. The model must already be on
+    its device (this process's GPU under NCCL).
+    """
+    if not is_distributed():
+        return model
+    if sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device = next(model.parameters()).device
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def all_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sum of ``values`` over all processes, in float64 (identity in one process)."""
+    if not is_distributed():
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return [float(v) for v in total.tolist()]
+
+
+def _entry(
+    local_rank: int,
+    fn: Callable[..., Any],
+    world: int,
+    rendezvous: str,
+    backend: str,
+    timeout_s: float,
+    threads: int,
+    args: tuple[Any, ...],
+) -> None:
+    torch.set_num_threads(threads)
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world))
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{rendezvous}",
+        rank=local_rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    try:
+        fn(local_rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(
+    fn: Callable[..., Any],
+    world: int,
+    *args: Any,
+    timeout_s: float = 120.0,
+    backend: str = "gloo",
+    threads: int = 1,
+) -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` new local processes in one process group.
+
+    ``fn`` must be importable by name (a module-level function). An exception in any process
+    is raised here; a job that has not finished after ``timeout_s`` seconds (a deadlock) is
+    killed and raises TimeoutError. Collectives time out after ``timeout_s`` as well.
+    """
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="rollingball_spawn_") as scratch:
+        rendezvous = str(Path(scratch) / "rendezvous")
+        context = mp.start_processes(
+            _entry,
+            args=(fn, world, rendezvous, backend, timeout_s, threads, args),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"{fn.__name__} on {world} processes did not finish in {timeout_s:g} s"
+                    )
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                    process.join()
