@@ -29,7 +29,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from rollingball.experiments.atomic import atomic_write
+from rollingball.experiments.atomic import atomic_write, atomic_write_bytes
 
 __all__ = [
     "DATASETS",
@@ -283,8 +283,7 @@ def _gunzip_idx(raw: Path) -> None:
         target = packed.with_suffix("")
         if not target.exists():
             with gzip.open(packed, "rb") as handle:
-                content = handle.read()
-            atomic_write(target, lambda out, content=content: out.write(content))
+                atomic_write_bytes(target, handle.read())
 
 
 def _missing_message(name: str, root: Path, download: bool, error: Exception) -> str:
