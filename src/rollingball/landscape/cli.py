@@ -137,9 +137,11 @@ def run_iron(args: argparse.Namespace) -> int:
             rows.append(
                 {"optimizer": label, "radius": radius, "start": where, "lr": args.lr,
                  "steps": args.steps, **{f"end_{i}": v for i, v in enumerate(end)},
-                 "final_loss": float(run.loss[-1]), "closure_calls": int(run.closure_calls[-1])}
+                 "final_loss": float(run.loss[-1]), "closure_calls": int(run.closure_calls[-1]),
+                 "unconverged_steps": run.unconverged_steps,
+                 "longest_step": float(run.step_lengths.max()) if args.steps else 0.0}
             )  # fmt: skip
-    title = f"{name}: RBO (red) against GD (blue), lr {args.lr:g}, {args.steps} steps"
+    title = f"{name}: RBO (warm colours) and GD (cool), lr {args.lr:g}, {args.steps} steps"
     figure = plot_trajectories(grid, values, surfaces, runs, title)
     figure.savefig(args.out / "trajectories.png", dpi=110)
     with open(args.out / "trajectories.csv", "w", newline="") as handle:
@@ -149,7 +151,8 @@ def run_iron(args: argparse.Namespace) -> int:
     for row in rows:
         print(
             f"{row['optimizer']:>4} ρ={row['radius']:<6g} from ({row['start']}): "
-            f"loss {row['final_loss']:.6g} after {row['closure_calls']} closure calls"
+            f"loss {row['final_loss']:.6g} after {row['closure_calls']} closure calls, "
+            f"longest step {row['longest_step']:.3g}, {row['unconverged_steps']} unconverged"
         )
     print(f"wrote {args.out}/ironed.png, trajectories.png, trajectories.csv")
     return 0

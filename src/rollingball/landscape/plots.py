@@ -59,7 +59,7 @@ def plot_ironed(
     """f and its ironed versions I_ρ: overlaid curves (1-D) or one map per radius (2-D)."""
     if values.ndim == 1:
         x = grid[0]
-        fig = Figure(figsize=(9, 4.8))
+        fig = Figure(figsize=(9, 4.8), layout="constrained")
         ax = fig.subplots()
         ax.plot(x, values, color="0.6", lw=0.8, label="f (sampled)")
         for (radius, surface), colour in zip(ironed.items(), _colours(len(ironed)), strict=True):
@@ -69,7 +69,6 @@ def plot_ironed(
         ax.set_ylabel("loss")
         ax.legend(loc="best", fontsize=8)
         ax.set_title(title)
-        fig.tight_layout()
         return fig
     panels = [("f (sampled)", values)] + [
         (f"ironed, ρ = {r:g}  ({np.mean(s > values + 1e-12):.0%} unreachable)", s)
@@ -77,7 +76,7 @@ def plot_ironed(
     ]
     cols = min(len(panels), 3)
     rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(4.6 * cols, 4.2 * rows))
+    fig = Figure(figsize=(4.6 * cols + 0.8, 4.2 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     low, high = float(values.min()), float(max(s.max() for _, s in panels))
     extent = (grid[0][0], grid[0][-1], grid[1][0], grid[1][-1])
@@ -91,7 +90,7 @@ def plot_ironed(
         ax.set_ylabel(labels[1])
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.colorbar(image, ax=axes, shrink=0.8, label="loss")
+    fig.colorbar(image, ax=axes, shrink=0.9, label="loss")
     fig.suptitle(title)
     return fig
 
@@ -112,7 +111,7 @@ def plot_trajectories(
     points = [run for run in runs if run.radius == 0]
     cols = min(len(radii), 3)
     rows = math.ceil(len(radii) / cols)
-    fig = Figure(figsize=(5.2 * cols, 4.4 * rows))
+    fig = Figure(figsize=(5.2 * cols, 4.4 * rows + 0.4), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, radius in zip(axes.flat, radii, strict=False):
         balls = [run for run in runs if run.radius == radius]
@@ -124,9 +123,8 @@ def plot_trajectories(
     for ax in list(axes.flat)[len(radii) :]:
         ax.axis("off")
     handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=8)
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4), fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.05 + 0.03 * (len(names) > 4), 1, 1))
     return fig
 
 
@@ -169,11 +167,14 @@ def _trajectory_panel_2d(
     points: Sequence[Run],
 ) -> None:
     extent = (grid[0][0], grid[0][-1], grid[1][0], grid[1][-1])
-    ax.imshow(values.T, origin="lower", extent=extent, cmap="Greys_r", alpha=0.9)
+    ax.imshow(values.T, origin="lower", extent=extent, cmap="Greys_r", alpha=0.7)
     ax.contour(grid[0], grid[1], values.T, levels=15, colors="0.5", linewidths=0.3)
-    for run, colour in [(r, "tab:cyan") for r in points] + [(r, "tab:red") for r in balls]:
+    cool, warm = ["tab:cyan", "tab:blue", "tab:purple"], ["tab:red", "tab:orange", "tab:pink"]
+    pairs = [(r, cool[i % 3]) for i, r in enumerate(points)]
+    pairs += [(r, warm[i % 3]) for i, r in enumerate(balls)]
+    for run, colour in pairs:
         p = run.trajectory.params.numpy()
-        ax.plot(p[:, 0], p[:, 1], "-", lw=1.2, color=colour, label=run.label)
+        ax.plot(p[:, 0], p[:, 1], ".-", lw=0.7, ms=2, color=colour, label=run.label)
         ax.plot(p[0, 0], p[0, 1], "o", ms=4, color=colour)
         ax.plot(p[-1, 0], p[-1, 1], "*", ms=9, color=colour, mec="black", mew=0.5)
     ax.set_xlim(extent[0], extent[1])

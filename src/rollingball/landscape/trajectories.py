@@ -12,8 +12,8 @@ are not counted as its cost.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -32,11 +32,22 @@ class Trajectory:
     loss: Tensor  # (steps + 1,)
     closure_calls: Tensor  # (steps + 1,) int64, cumulative; closure_calls[0] == 0
     centres: Tensor | None  # (steps + 1, d + 1): ball centre (θ part, height) for RBO
+    stats: list[dict[str, Any]] = field(default_factory=list)  # optimizer.last_stats per step
 
     @property
     def end(self) -> Tensor:
         """θ after the last step."""
         return self.params[-1]
+
+    @property
+    def unconverged_steps(self) -> int:
+        """Steps whose projection stopped before reaching its tolerance (RBO's stats)."""
+        return sum(1 for s in self.stats if not s.get("converged", True))
+
+    @property
+    def step_lengths(self) -> Tensor:
+        """‖θ_{k+1} − θ_k‖ for each step."""
+        return self.params.diff(dim=0).norm(dim=1)
 
 
 def _value_and_grad(fn: Callable[[Tensor], Tensor], theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -75,7 +86,7 @@ def trajectory(
         loss.backward()
         return loss
 
-    params, losses, counts, centres = [], [], [], []
+    params, losses, counts, centres, stats = [], [], [], [], []
     for k in range(steps + 1):
         value, grad = _value_and_grad(fn, theta)
         params.append(theta.detach().clone())
@@ -92,9 +103,13 @@ def trajectory(
             if grad_before_step:
                 closure()
             optimizer.step(cast(Callable[[], float], closure))  # torch types it as float
+            last = getattr(optimizer, "last_stats", None)
+            if isinstance(last, dict):
+                stats.append(dict(last))
     return Trajectory(
         params=torch.stack(params),
         loss=torch.stack(losses),
         closure_calls=torch.tensor(counts, dtype=torch.int64),
         centres=torch.stack(centres) if centres else None,
+        stats=stats,
     )
