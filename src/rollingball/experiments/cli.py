@@ -96,7 +96,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(stderr=False)
+    # a file or a pipe gets lines wide enough for the whole results table
+    return Console(width=None if sys.stdout.isatty() else 140)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -75,6 +75,8 @@ class CompareSpec:
     radii: Sequence[float] = DEFAULT_RADII
     batch_size: int = 100
     data_dir: str | None = None
+    # None: GELU for the MLP (a smooth landscape, on which RBO's projection converges)
+    model_kwargs: dict[str, Any] | None = None
     hparams: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(COMPARE_HPARAMS))
 
     def validate(self) -> None:
@@ -86,6 +88,12 @@ class CompareSpec:
             raise ValueError("--grad-evals must be >= 1")
         if "rbo" in self.optimizers and not self.radii:
             raise ValueError("rbo needs at least one radius (--radii)")
+
+
+def _model_kwargs(spec: CompareSpec) -> dict[str, Any]:
+    if spec.model_kwargs is not None:
+        return dict(spec.model_kwargs)
+    return {"activation": "gelu"} if spec.model == "mlp" else {}
 
 
 def _slug(name: str, radius: float | None) -> str:
@@ -113,7 +121,7 @@ def compare_configs(spec: CompareSpec, steps_per_epoch: int) -> list[tuple[str, 
                     data=DataConfig(
                         name=spec.data, batch_size=spec.batch_size, data_dir=spec.data_dir
                     ),
-                    model=ModelConfig(name=spec.model),
+                    model=ModelConfig(name=spec.model, kwargs=_model_kwargs(spec)),
                     optimizer=OptimizerConfig(name=name, hparams=hparams),
                     schedule=ScheduleConfig(kind="cosine"),
                     budget=budget,
@@ -173,11 +181,12 @@ def compare(
     rows = summary_rows(records)
     table = aggregate(rows)
     budget_text = (
-        f"{spec.epochs} epochs each"
+        f"{spec.epochs} epoch{'s' if spec.epochs > 1 else ''} each"
         if spec.budget == "epochs"
         else f"{runs[0][1].budget.grad_evals:,} closure calls each"
     )
-    title = f"{spec.model} on {spec.data}: {budget_text}, {spec.seeds} seed(s)"
+    model_text = spec.model + "".join(f" {k}={v}" for k, v in _model_kwargs(spec).items())
+    title = f"{model_text} on {spec.data}: {budget_text}, {spec.seeds} seed(s)"
     console.print(rich_table(table, title))
     write_summary_csv(rows, out / "summary.csv")
     plots = plot_curves(records, out, title="")

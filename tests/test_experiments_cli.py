@@ -1,0 +1,214 @@
+"""The commands: compare (the main job) on a tiny budget, run, sweep and report."""
+
+import csv
+import json
+
+import pytest
+
+from rollingball.cli import main
+from rollingball.experiments.report import SUMMARY_COLUMNS
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _png(path):
+    return path.exists() and path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
+
+
+def test_compare_on_a_tiny_budget_writes_table_csv_report_and_plots(tmp_path, capsys):
+    out = tmp_path / "compare"
+    args = ["compare", "--data", "digits", "--epochs", "1", "--seeds", "2", "--radii", "0.1,0.5"]
+    assert main([*args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for word in ("optimizer", "sgd", "momentum", "adamw", "sam", "entropy_sgd", "rbo", "±"):
+        assert word in printed
+    with open(out / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == SUMMARY_COLUMNS
+    assert len(rows) == (5 + 2) * 2  # 5 baselines + rbo at 2 radii, 2 seeds each
+    by_name = {}
+    for row in rows:
+        by_name.setdefault((row["optimizer"], row["radius"]), []).append(row)
+        assert 0.0 <= float(row["test_accuracy"]) <= 1.0 and float(row["wall_seconds"]) > 0
+    assert set(by_name) == {
+        ("sgd", ""),
+        ("momentum", ""),
+        ("adamw", ""),
+        ("sam", ""),
+        ("entropy_sgd", ""),
+        ("rbo", "0.1"),
+        ("rbo", "0.5"),
+    }
+    # one epoch of digits is 15 steps: closure calls are 15 per step-cost
+    assert {int(r["grad_evals"]) for r in by_name[("sgd", "")]} == {15}
+    assert {int(r["grad_evals"]) for r in by_name[("sam", "")]} == {30}
+    assert {int(r["grad_evals"]) for r in by_name[("entropy_sgd", "")]} == {300}
+    assert all(int(r["grad_evals"]) > 15 for r in by_name[("rbo", "0.5")])
+    assert [r["seed"] for r in by_name[("adamw", "")]] == ["0", "1"]
+    for stem in ("accuracy_vs_epoch", "accuracy_vs_grad_evals", "accuracy_vs_wall_time"):
+        assert _png(out / f"{stem}.png")
+    report = (out / "report.md").read_text()
+    assert (
+        "| optimizer |" in report and "entropy_sgd" in report and "accuracy_vs_epoch.png" in report
+    )
+    # a second call reuses the finished runs and gives the same numbers
+    assert main([*args, "--out", str(out)]) == 0
+    with open(out / "summary.csv") as handle:
+        again = list(csv.DictReader(handle))
+    key = ["optimizer", "radius", "seed", "test_accuracy", "grad_evals"]
+    assert [[r[k] for k in key] for r in again] == [[r[k] for k in key] for r in rows]
+
+
+def test_compare_with_an_equal_closure_call_budget(tmp_path, capsys):
+    out = tmp_path / "budget"
+    args = [
+        "compare",
+        "--data",
+        "digits",
+        "--seeds",
+        "1",
+        "--budget",
+        "grad_evals",
+        "--grad-evals",
+        "60",
+    ]
+    assert (
+        main(
+            [*args, "--optimizers", "sgd,sam,entropy_sgd,rbo", "--radii", "0.3", "--out", str(out)]
+        )
+        == 0
+    )
+    with open(out / "summary.csv") as handle:
+        rows = {r["optimizer"]: r for r in csv.DictReader(handle)}
+    assert int(rows["sgd"]["grad_evals"]) == 60 and float(rows["sgd"]["epochs"]) == pytest.approx(
+        4.0
+    )
+    assert int(rows["sam"]["grad_evals"]) == 60 and float(rows["sam"]["epochs"]) == pytest.approx(
+        2.0
+    )
+    assert int(rows["entropy_sgd"]["grad_evals"]) == 60
+    assert 60 <= int(rows["rbo"]["grad_evals"]) <= 80
+    assert "60 closure calls each" in capsys.readouterr().out
+
+
+def test_compare_refuses_bad_options(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "compare",
+                "--optimizers",
+                "sgd,lion",
+                "--data",
+                "digits",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert "unknown optimizer 'lion'" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "compare",
+                "--data",
+                "cifar10",
+                "--data-dir",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path / "y"),
+            ]
+        )
+        == 2
+    )
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+CONFIG = """
+seed = 3
+[data]
+name = "digits"
+batch_size = 200
+[model]
+name = "mlp"
+hidden = [16]
+activation = "tanh"
+[optimizer]
+name = "rbo"
+lr = 0.5
+radius = 0.2
+[budget]
+epochs = 2
+"""
+
+
+def test_run_sweep_and_report(tmp_path, capsys):
+    config = tmp_path / "rbo.toml"
+    config.write_text(CONFIG)
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert "done: test accuracy" in capsys.readouterr().out
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    # running into the same directory again without --resume is refused
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (
+        main(["run", str(config), "--out", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
+    )
+
+    assert (
+        main(
+            [
+                "sweep",
+                str(config),
+                "--radius",
+                "0,0.5",
+                "--lr",
+                "0.1,1",
+                "--out",
+                str(tmp_path / "sweep"),
+            ]
+        )
+        == 0
+    )
+    with open(tmp_path / "sweep" / "sweep.csv") as handle:
+        grid = list(csv.DictReader(handle))
+    assert [(r["radius"], r["lr"]) for r in grid] == [
+        ("0.0", "0.1"),
+        ("0.0", "1.0"),
+        ("0.5", "0.1"),
+        ("0.5", "1.0"),
+    ]
+    # radius 0 is SGD: one closure call per step (2 epochs of 8 batches)
+    assert int(grid[0]["grad_evals"]) == 16 and int(grid[2]["grad_evals"]) > 16
+    assert _png(tmp_path / "sweep" / "heatmap.png")
+
+    assert (
+        main(
+            [
+                "report",
+                str(tmp_path / "run"),
+                str(tmp_path / "sweep"),
+                "--out",
+                str(tmp_path / "report"),
+            ]
+        )
+        == 0
+    )
+    with open(tmp_path / "report" / "summary.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 5
+    assert _png(tmp_path / "report" / "accuracy_vs_grad_evals.png")
+    assert main(["report", str(tmp_path / "empty-does-not-exist")]) == 2
+
+
+def test_run_reports_bad_configs(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text(CONFIG.replace('name = "rbo"', 'name = "rbo"\nbogus = 1'))
+    assert main(["run", str(config), "--out", str(tmp_path / "out")]) == 2
+    assert "no hyperparameter(s) bogus" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["sweep", str(config).replace("bad", "missing"), "--lr", "0.1"]) == 2
+    assert "config file not found" in capsys.readouterr().err
