@@ -18,6 +18,7 @@ from torch import nn
 
 from rollingball import RBO
 from rollingball.experiments.distributed import spawn
+from rollingball.optim.accumulation import micro_batch_closure, split_batch
 
 BATCH = 16
 STEPS = 4
@@ -121,6 +122,21 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
         model = nn.parallel.DistributedDataParallel(make_model(dtype))
         opt = RBO(model.parameters(), **kwargs)
         results[name] = train(model, opt, make_batches(dtype, scale), shard)
+    # gradient accumulation under DDP: micro-batches of 3 + 3 + 2 rows, one all-reduce per call
+    kwargs, dtype, scale = CASES["anderson"]
+    model = nn.parallel.DistributedDataParallel(make_model(dtype))
+    opt = RBO(model.parameters(), **kwargs)
+    calls = []
+    for x, y in make_batches(dtype, scale):
+        closure = micro_batch_closure(
+            opt,
+            lambda a, b: nn.functional.mse_loss(model(a), b),
+            split_batch(x[shard], y[shard], size=3),
+            model=model,
+        )
+        opt.step(closure)
+        calls.append(opt.last_stats["grad_evals"])
+    results["accumulation"] = {"calls": calls, "params": [p.detach() for p in model.parameters()]}
     # a NaN on rank 1 only: at the first call of step 1, then inside the projection of step 2
     for policy in ("raise", "skip"):
         model = nn.parallel.DistributedDataParallel(make_model(torch.float64))
@@ -165,6 +181,16 @@ def test_two_ranks_match_one_process_with_the_whole_batch(
         for p, q in zip(reference["params"], make_model(CASES[name][1]).parameters(), strict=True)
     )
     assert moved > 1e-3  # the steps did move the parameters
+
+
+def test_accumulation_under_ddp_matches_one_process(ddp_results: list[dict[str, Any]]) -> None:
+    reference = _reference("anderson")
+    for results in ddp_results:
+        assert results["accumulation"]["calls"] == reference["calls"]
+        for ours, theirs in zip(
+            results["accumulation"]["params"], reference["params"], strict=True
+        ):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
 
 
 def test_authors_mode_spends_k_calls_per_step_on_every_rank(
