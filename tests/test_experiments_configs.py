@@ -1,0 +1,54 @@
+"""The shipped experiment configurations are valid and say what they claim."""
+
+from pathlib import Path
+
+import pytest
+
+from rollingball.experiments.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1] / "experiments"
+PAPER = sorted((ROOT / "paper").glob("*.toml"))
+FAIR = sorted((ROOT / "fair").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", PAPER + FAIR, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_config_is_valid(path):
+    config = load_config(path)
+    assert path.stem.startswith(config.data.name)
+    assert config.optimizer.name in path.stem
+
+
+def test_paper_table_1_grid():
+    # MNIST: MLP, ResNet-6, VGG-9; CIFAR-10/100: ResNet-8, VGG-9; four optimizers each
+    expected = {
+        f"{data}_{model}_{opt}"
+        for data, models in (
+            ("mnist", ("mlp", "resnet6", "vgg9")),
+            ("cifar10", ("resnet8", "vgg9")),
+            ("cifar100", ("resnet8", "vgg9")),
+        )
+        for model in models
+        for opt in ("sgd", "sam", "entropy_sgd", "rbo")
+    }
+    assert {p.stem for p in PAPER} == expected
+    for path in PAPER:
+        config = load_config(path)
+        assert config.budget.epochs == 10 and config.data.batch_size == 256
+        if config.optimizer.name in ("sgd", "rbo"):
+            assert config.optimizer.hparams["lr"] == 0.01
+        assert config.optimizer.hparams.get("momentum", 0.0) == 0.0
+
+
+def test_fair_equal_closure_call_budgets():
+    for path in FAIR:
+        if path.stem.endswith("_evals"):
+            config = load_config(path)
+            sibling = load_config(path.with_name(path.stem.replace("_evals", "_epochs") + ".toml"))
+            steps = -(-50000 // 128) if config.data.name == "cifar10" else -(-54000 // 256)
+            assert config.budget.grad_evals == sibling.budget.epochs * steps
+    names = {p.stem for p in FAIR}
+    assert {
+        "cifar10_resnet18_momentum_epochs",
+        "cifar10_wrn16_8_momentum_epochs",
+        "cifar10_resnet18_adamw_epochs",
+    } <= names
