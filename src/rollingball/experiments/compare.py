@@ -176,8 +176,9 @@ def compare(
                     )
                     progress.advance(overall)
     elapsed = time.perf_counter() - started
-    wanted = {(runs_dir / name).resolve() for name, _ in runs}
-    records = [r for r in find_runs([runs_dir]) if r.path.resolve() in wanted]
+    order = {(runs_dir / name).resolve(): i for i, (name, _) in enumerate(runs)}
+    found = [r for r in find_runs([runs_dir]) if r.path.resolve() in order]
+    records = sorted(found, key=lambda r: order[r.path.resolve()])
     rows = summary_rows(records)
     table = aggregate(rows)
     budget_text = (

@@ -2,6 +2,8 @@
 
     seed = 0
     device = "cpu"              # "cpu", "cuda", "cuda:1", or "auto"
+    # threads = 1               # torch CPU threads
+    # sync_batchnorm = true     # under torchrun: BatchNorm statistics over all ranks
 
     [data]
     name = "mnist1d"            # mnist1d | digits | mnist | fashion_mnist | cifar10 | cifar100
@@ -113,6 +115,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
+    sync_batchnorm: bool = False  # under torch.distributed: SyncBatchNorm across ranks
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -207,7 +210,13 @@ _SECTIONS: dict[str, Any] = {"data": DataConfig, "schedule": ScheduleConfig, "bu
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build and validate a :class:`RunConfig` from a TOML-shaped dictionary."""
     raw = dict(raw)
-    top_known = {"seed", "device", "threads", "data", "model", "optimizer", "schedule", "budget"}
+    top_known = {"seed", "device", "threads", "sync_batchnorm"} | {
+        "data",
+        "model",
+        "optimizer",
+        "schedule",
+        "budget",
+    }
     unknown = sorted(set(raw) - top_known)
     _check(not unknown, f"unknown top-level key(s): {', '.join(unknown)}")
     sections: dict[str, Any] = {}
@@ -229,6 +238,7 @@ def config_from_dict(raw: dict[str, Any]) -> RunConfig:
         seed=raw.get("seed", 0),
         device=raw.get("device", "cpu"),
         threads=raw.get("threads"),
+        sync_batchnorm=raw.get("sync_batchnorm", False),
         model=ModelConfig(name=model.pop("name", "mlp"), kwargs=model),
         optimizer=OptimizerConfig(
             name=optimizer.pop("name", "sgd"),
@@ -245,6 +255,8 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"seed": config.seed, "device": config.device}
     if config.threads is not None:
         out["threads"] = config.threads
+    if config.sync_batchnorm:
+        out["sync_batchnorm"] = True
     out["data"] = {k: v for k, v in asdict(config.data).items() if v is not None}
     out["model"] = {"name": config.model.name, **config.model.kwargs}
     out["optimizer"] = {

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -77,6 +78,12 @@ class Ranks:
         t = torch.tensor(values, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
         return t.tolist()
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank if ``flag`` is true on any rank (ranks stop at the same step)."""
+        if not self.distributed:
+            return flag
+        return self.sum([float(flag)], device)[0] > 0
 
 
 # --------------------------------------------------------------------------- one step
@@ -243,12 +250,18 @@ def _graceful_sigint(flag: _StopFlag) -> Iterator[None]:
 # --------------------------------------------------------------------------- the run
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, ranks: Ranks) -> torch.device:
+    """The configured device; under torchrun, "cuda" means this rank's GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available")
+        if ranks.distributed and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if device.index is not None:
+            torch.cuda.set_device(device)
     return device
 
 
@@ -313,7 +326,7 @@ def run(
                 f"--resume: the configuration differs from the one saved in {out / CONFIG}"
             )
 
-    device = _device(config.device)
+    device = _device(config.device, ranks)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     # everything that can fail on bad input happens before the first file is written
@@ -332,6 +345,8 @@ def run(
     )
     model.to(device)
     if ranks.distributed:
+        if config.sync_batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = build_optimizer(
         config.optimizer.name, model.parameters(), **config.optimizer.hparams
@@ -461,6 +476,8 @@ def run(
                     )
                 if on_step is not None:
                     on_step(state)
+                if ranks.any(flag.requested, device):
+                    flag.requested = True
                 if flag.requested or state.diverged:
                     break
             state.wall_seconds += time.perf_counter() - tick
