@@ -32,8 +32,8 @@ def test_iron_1d(tmp_path, capsys):
     code = main(["iron", "wrinkled_quadratic", "--radii", "0.1,0.5", "--steps", "6",
                  "--points", "401", "--lr", "0.05", "--out", str(out)])  # fmt: skip
     assert code == 0
-    assert png_size(out / "ironed.png") == (990, 528)  # 9 × 4.8 in at 110 dpi
-    assert png_size(out / "trajectories.png") == (1144, 528)  # two panels
+    assert png_size(out / "ironed.png") == (900, 480)  # 9 × 4.8 in at 100 dpi
+    assert png_size(out / "trajectories.png") == (1040, 480)  # two panels
     rows = read_rows(out / "trajectories.csv")
     assert [(r["optimizer"], float(r["radius"])) for r in rows] == [
         ("GD", 0.0), ("RBO", 0.1), ("RBO", 0.5)
@@ -53,8 +53,8 @@ def test_iron_2d_two_starts(tmp_path):
                  "--start", "2,0.1", "--steps", "3", "--points", "41", "--lr", "0.01",
                  "--out", str(out)])  # fmt: skip
     assert code == 0
-    assert png_size(out / "ironed.png") == (1100, 462)  # f and one ironed map
-    assert png_size(out / "trajectories.png") == (572, 528)  # one radius, one panel
+    assert png_size(out / "ironed.png") == (1000, 420)  # f and one ironed map
+    assert png_size(out / "trajectories.png") == (520, 480)  # one radius, one panel
     rows = read_rows(out / "trajectories.csv")
     assert [(r["optimizer"], r["start"]) for r in rows] == [
         ("GD", "2,0"), ("RBO", "2,0"), ("GD", "2,0.1"), ("RBO", "2,0.1")
@@ -68,7 +68,7 @@ def test_iron_refuses_bad_radii():
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
-def test_landscape_slice(tmp_path, checkpoint):
+def test_landscape_slice_2d(tmp_path, checkpoint):
     from rollingball.experiments.data import load_data
     from rollingball.experiments.models import build_model
 
@@ -82,7 +82,7 @@ def test_landscape_slice(tmp_path, checkpoint):
                  "--data", "digits", "--max-samples", "200", "--points", "5", "--radii", "0.1,0.3",
                  "--no-progress", "--out", str(out)])  # fmt: skip
     assert code == 0
-    assert png_size(out / "slice.png") == (1606, 462)  # f and two ironed maps
+    assert png_size(out / "slice.png") == (1460, 420)  # f and two ironed maps
     rows = read_rows(out / "slice.csv")
     assert len(rows) == 25
     assert list(rows[0]) == ["alpha", "beta", "loss", "ironed_0.1", "ironed_0.3"]
@@ -93,3 +93,24 @@ def test_landscape_slice(tmp_path, checkpoint):
     centre = next(r for r in rows if float(r["alpha"]) == 0 and float(r["beta"]) == 0)
     assert float(centre["loss"]) == pytest.approx(summary["loss_at_trained"], rel=1e-6)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_landscape_slice_1d(tmp_path):
+    from rollingball.experiments.data import load_data
+    from rollingball.experiments.models import build_model
+
+    bundle = load_data("digits")
+    model = build_model("mlp", bundle.input_shape, bundle.num_classes, hidden=[8])
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    out = tmp_path / "slice1d"
+    code = main(["landscape", "--state-dict", str(tmp_path / "model.pt"), "--hidden", "8",
+                 "--split", "test", "--max-samples", "100", "--dim", "1", "--points", "11",
+                 "--radii", "0.2", "--train-mode", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert png_size(out / "slice.png") == (900, 480)
+    rows = read_rows(out / "slice.csv")
+    assert list(rows[0]) == ["alpha", "loss", "ironed_0.2"]
+    assert len(rows) == 11
+    summary = json.loads((out / "slice.json").read_text())
+    assert summary["mode"] == "train" and summary["split"] == "test"
+    assert float(rows[5]["loss"]) == pytest.approx(summary["loss_at_trained"], rel=1e-6)

@@ -13,7 +13,7 @@ import torch
 
 from rollingball.landscape.functions import FUNCTIONS, get_function
 from rollingball.landscape.ironing import iron
-from rollingball.landscape.plots import Run, plot_ironed, plot_trajectories
+from rollingball.landscape.plots import Run, plot_ironed, plot_trajectories, save_png
 from rollingball.landscape.sharpness import dataset_loss
 from rollingball.landscape.slices import filter_normalized_direction, ironed_slices, loss_slice
 from rollingball.landscape.trajectories import trajectory
@@ -110,7 +110,7 @@ def run_iron(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"{fn.name} ({args.dim}-D)"
     figure = plot_ironed(grid, values, surfaces, f"{name}: ironed at each radius")
-    figure.savefig(args.out / "ironed.png", dpi=110)
+    save_png(figure, args.out / "ironed.png")
 
     starts = args.start or [[fn.start]]
     runs, rows = [], []
@@ -143,7 +143,7 @@ def run_iron(args: argparse.Namespace) -> int:
             )  # fmt: skip
     title = f"{name}: RBO (warm colours) and GD (cool), lr {args.lr:g}, {args.steps} steps"
     figure = plot_trajectories(grid, values, surfaces, runs, title)
-    figure.savefig(args.out / "trajectories.png", dpi=110)
+    save_png(figure, args.out / "trajectories.png")
     with open(args.out / "trajectories.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -190,8 +190,8 @@ def run_landscape(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     title = f"{args.model} on {args.data} ({args.split}, {count} samples): loss slice"
     labels = ("α (direction 1)", "β (direction 2)")
-    plot_ironed([axis] * args.dim, values, surfaces, title, labels).savefig(
-        args.out / "slice.png", dpi=110
+    save_png(
+        plot_ironed([axis] * args.dim, values, surfaces, title, labels), args.out / "slice.png"
     )
     columns = ["alpha", "beta"][: args.dim] + ["loss"] + [f"ironed_{r:g}" for r in args.radii]
     with open(args.out / "slice.csv", "w", newline="") as handle:

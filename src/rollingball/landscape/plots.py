@@ -8,9 +8,11 @@ drawn with equal axis scales whenever the ranges allow it, since the ball is onl
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -18,10 +20,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle
 from numpy.typing import NDArray
+from PIL import Image
 
 from rollingball.landscape.trajectories import Trajectory
 
-__all__ = ["Run", "plot_ironed", "plot_trajectories"]
+__all__ = ["Run", "plot_ironed", "plot_trajectories", "save_png"]
 
 Array = NDArray[np.float64]
 
@@ -35,9 +38,23 @@ class Run:
     trajectory: Trajectory
 
 
+def save_png(fig: Figure, path: str | Path, dpi: int = 100, colors: int = 128) -> None:
+    """Save ``fig`` as a PNG with an adaptive palette of ``colors`` colours (small files)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=colors).save(path, optimize=True)
+
+
 def _colours(n: int) -> list[tuple[float, float, float, float]]:
     cmap = matplotlib.colormaps["viridis"]
     return [cmap(0.15 + 0.7 * i / max(n - 1, 1)) for i in range(n)]
+
+
+def _columns(panels: int) -> int:
+    """Three panels a row, but a 2 × 2 block for four."""
+    return 2 if panels == 4 else min(panels, 3)
 
 
 def _equal_aspect(ax: Axes, x: Array, y: Array) -> bool:
@@ -74,7 +91,7 @@ def plot_ironed(
         (f"ironed, ρ = {r:g}  ({np.mean(s > values + 1e-12):.0%} unreachable)", s)
         for r, s in ironed.items()
     ]
-    cols = min(len(panels), 3)
+    cols = _columns(len(panels))
     rows = math.ceil(len(panels) / cols)
     fig = Figure(figsize=(4.6 * cols + 0.8, 4.2 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -86,6 +103,7 @@ def plot_ironed(
         )
         ax.contour(grid[0], grid[1], surface.T, levels=12, colors="white", linewidths=0.4)
         ax.set_title(name, fontsize=9)
+        ax.locator_params(nbins=5)
         ax.set_xlabel(labels[0])
         ax.set_ylabel(labels[1])
     for ax in list(axes.flat)[len(panels) :]:
@@ -109,7 +127,7 @@ def plot_trajectories(
     """
     radii = [r for r in ironed if r > 0]
     points = [run for run in runs if run.radius == 0]
-    cols = min(len(radii), 3)
+    cols = _columns(len(radii))
     rows = math.ceil(len(radii) / cols)
     fig = Figure(figsize=(5.2 * cols, 4.4 * rows + 0.4), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
