@@ -97,11 +97,12 @@ def plot_ironed(
     axes = fig.subplots(rows, cols, squeeze=False)
     low, high = float(values.min()), float(max(s.max() for _, s in panels))
     extent = (grid[0][0], grid[0][-1], grid[1][0], grid[1][-1])
+    levels = np.unique(np.quantile(values, np.linspace(0.02, 0.98, 12)))  # even area per band
     for ax, (name, surface) in zip(axes.flat, panels, strict=False):
         image = ax.imshow(
             surface.T, origin="lower", extent=extent, vmin=low, vmax=high, cmap="viridis"
         )
-        ax.contour(grid[0], grid[1], surface.T, levels=12, colors="white", linewidths=0.4)
+        ax.contour(grid[0], grid[1], surface.T, levels=levels, colors="white", linewidths=0.4)
         ax.set_title(name, fontsize=9)
         ax.locator_params(nbins=5)
         ax.set_xlabel(labels[0])
