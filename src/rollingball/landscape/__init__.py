@@ -18,7 +18,13 @@ from rollingball.landscape.functions import (
     weierstrass_like,
     wrinkled_quadratic,
 )
-from rollingball.landscape.ironing import centre_height, iron, monotonicity_gap, unreachable
+from rollingball.landscape.ironing import (
+    centre_height,
+    iron,
+    monotonicity_gap,
+    unreachable,
+    unreachable_from_ironed,
+)
 from rollingball.landscape.sharpness import (
     average_sharpness,
     dataset_loss,
@@ -50,6 +56,7 @@ __all__ = [
     "rosenbrock",
     "trajectory",
     "unreachable",
+    "unreachable_from_ironed",
     "weierstrass",
     "weierstrass_like",
     "worst_case_sharpness",

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from rollingball.landscape.functions import FUNCTIONS, get_function
-from rollingball.landscape.ironing import iron
+from rollingball.landscape.ironing import iron, unreachable_from_ironed
 from rollingball.landscape.plots import Run, plot_ironed, plot_trajectories, save_png
 from rollingball.landscape.sharpness import dataset_loss
 from rollingball.landscape.slices import filter_normalized_direction, ironed_slices, loss_slice
@@ -57,6 +57,11 @@ def add_parser(subparsers: Any) -> None:
     iron_parser.add_argument("--lr", type=float, default=1e-3)
     iron_parser.add_argument("--projection", choices=("anderson", "gd"), default="anderson")
     iron_parser.add_argument("--projection-steps", type=int, default=20)
+    iron_parser.add_argument("--projection-step-size", type=float, default=1.0)
+    iron_parser.add_argument(
+        "--projection-tol", type=float, default=1e-4,
+        help="0 runs every projection step (the authors' scheme with --projection gd)",
+    )  # fmt: skip
     iron_parser.add_argument("--domain", type=_floats, help="lo,hi of every coordinate")
     iron_parser.add_argument("--points", type=int, help="grid points per axis (1-D 4001, 2-D 201)")
     iron_parser.add_argument("--out", type=Path, default=Path("out/iron"))
@@ -128,6 +133,8 @@ def run_iron(args: argparse.Namespace) -> int:
                 return RBO(
                     params, lr=args.lr, radius=radius, projection=args.projection,
                     projection_steps=args.projection_steps,
+                    projection_step_size=args.projection_step_size,
+                    projection_tol=args.projection_tol,
                 )  # fmt: skip
 
             run = trajectory(fn, theta0, make, args.steps)
@@ -206,7 +213,7 @@ def run_landscape(args: argparse.Namespace) -> int:
         "model": args.model, "data": args.data, "split": args.split, "samples": count,
         "mode": "train" if args.train_mode else "eval", "seed": args.seed,
         "loss_at_trained": trained, "min_loss": float(values.min()),
-        "unreachable_fraction": {f"{r:g}": float(np.mean(s > values + 1e-12))
+        "unreachable_fraction": {f"{r:g}": float(unreachable_from_ironed(values, s, r).mean())
                                  for r, s in surfaces.items()},
     }  # fmt: skip
     (args.out / "slice.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -23,7 +23,13 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["centre_height", "iron", "monotonicity_gap", "unreachable"]
+__all__ = [
+    "centre_height",
+    "iron",
+    "monotonicity_gap",
+    "unreachable",
+    "unreachable_from_ironed",
+]
 
 Spacing = float | Sequence[float]
 
@@ -112,13 +118,10 @@ def unreachable(
 ) -> NDArray[np.bool_]:
     """The samples no ball of radius ρ resting on the graph touches: I(z) > f(z) + atol.
 
-    ``atol`` defaults to 1e-12 (1 + max |f| + ρ), far above rounding and far below any
-    geometric gap on a reasonable grid.
+    See `unreachable_from_ironed` for the default ``atol``.
     """
     f = _check(values)
-    if atol is None:
-        atol = 1e-12 * (1.0 + float(np.abs(f).max()) + radius)
-    return iron(f, spacing, radius) > f + atol
+    return unreachable_from_ironed(f, iron(f, spacing, radius), radius, atol)
 
 
 def monotonicity_gap(spacing: Spacing, small: float, large: float, ndim: int = 1) -> float:
@@ -149,3 +152,17 @@ def monotonicity_gap(spacing: Spacing, small: float, large: float, ndim: int = 1
         for m, (_, cap) in zip(moved, small_pairs, strict=True):
             opening[m] = max(opening[m], cap + lift)
     return max(float(large_cap[o] - opening[o]) for o in large_offsets)
+
+
+def unreachable_from_ironed(
+    values: ArrayLike, ironed: ArrayLike, radius: float, atol: float | None = None
+) -> NDArray[np.bool_]:
+    """I(z) > f(z) + atol for an already ironed surface: the samples no ball touches.
+
+    ``atol`` defaults to 1e-12 (1 + max |f| + ρ), far above rounding and far below any
+    geometric gap on a reasonable grid.
+    """
+    f, surface = np.asarray(values, dtype=np.float64), np.asarray(ironed, dtype=np.float64)
+    if atol is None:
+        atol = 1e-12 * (1.0 + float(np.abs(f).max()) + radius)
+    return surface > f + atol

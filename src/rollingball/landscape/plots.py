@@ -22,6 +22,7 @@ from matplotlib.patches import Circle
 from numpy.typing import NDArray
 from PIL import Image
 
+from rollingball.landscape.ironing import unreachable_from_ironed
 from rollingball.landscape.trajectories import Trajectory
 
 __all__ = ["Run", "plot_ironed", "plot_trajectories", "save_png"]
@@ -88,7 +89,7 @@ def plot_ironed(
         ax.set_title(title)
         return fig
     panels = [("f (sampled)", values)] + [
-        (f"ironed, ρ = {r:g}  ({np.mean(s > values + 1e-12):.0%} unreachable)", s)
+        (f"ironed, ρ = {r:g}  ({unreachable_from_ironed(values, s, r).mean():.0%} unreachable)", s)
         for r, s in ironed.items()
     ]
     cols = _columns(len(panels))
