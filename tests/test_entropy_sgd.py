@@ -5,8 +5,6 @@ import torch
 
 from rollingball.optim.entropy_sgd import EntropySGD
 
-torch.set_default_dtype(torch.float64)
-
 
 def _quadratic(n=4, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -63,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="mnist1d", help="dataset (default: mnist1d)")
     p.add_argument("--model", default="mlp", help="model (default: mlp)")
     p.add_argument("--optimizers", type=_names, help="comma-separated (default: all six)")
-    p.add_argument("--radii", type=_floats, help="RBO radii, comma-separated (default: 0.1,1,3)")
+    p.add_argument("--radii", type=_floats, help="RBO radii, comma-separated (default: 0.1,0.3,1)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--data-dir", help="directory with the dataset files")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")

@@ -46,7 +46,7 @@ from rollingball.experiments.runner import run
 __all__ = ["COMPARE_HPARAMS", "CompareSpec", "compare", "compare_configs"]
 
 DEFAULT_OPTIMIZERS = ("sgd", "momentum", "adamw", "sam", "entropy_sgd", "rbo")
-DEFAULT_RADII = (0.1, 1.0, 3.0)
+DEFAULT_RADII = (0.1, 0.3, 1.0)
 
 # learning rates etc. for the compare task (MLP on MNIST-1D, batch 100, cosine schedule),
 # chosen on a validation split as docs/results.md describes; everything else is the
@@ -59,6 +59,10 @@ COMPARE_HPARAMS: dict[str, dict[str, Any]] = {
     "entropy_sgd": {"lr": 1.0, "inner_lr": 0.1, "langevin_steps": 20},
     "rbo": {"lr": 0.2},
 }
+
+
+# RBO's learning rate per radius for the compare task; other radii use COMPARE_HPARAMS["rbo"]
+RBO_LR_BY_RADIUS: dict[float, float] = {0.1: 2.0, 0.3: 2.0, 1.0: 1.0}
 
 
 @dataclass
@@ -78,6 +82,8 @@ class CompareSpec:
     # None: GELU for the MLP (a smooth landscape, on which RBO's projection converges)
     model_kwargs: dict[str, Any] | None = None
     hparams: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(COMPARE_HPARAMS))
+    # RBO's learning rate at each radius (the best on validation at that radius)
+    rbo_lr_by_radius: dict[float, float] = field(default_factory=lambda: dict(RBO_LR_BY_RADIUS))
 
     def validate(self) -> None:
         if self.budget not in ("epochs", "grad_evals"):
@@ -113,6 +119,7 @@ def compare_configs(spec: CompareSpec, steps_per_epoch: int) -> list[tuple[str, 
             hparams = dict(spec.hparams.get(name, {}))
             if radius is not None:
                 hparams["radius"] = float(radius)
+                hparams["lr"] = spec.rbo_lr_by_radius.get(float(radius), hparams.get("lr", 1.0))
             for seed in range(spec.seeds):
                 config = RunConfig(
                     seed=seed,
