@@ -39,8 +39,8 @@ def _ball_offsets(
 ) -> tuple[list[tuple[int, ...]], NDArray[np.float64]]:
     """The grid offsets o with |o·Δ| ≤ ρ and the cap b(o) − ρ = √(ρ² − |o·Δ|²) − ρ ≤ 0.
 
-    The cap is shifted by −ρ so that the centre offset contributes exactly 0: then a ball
-    that holds only its centre gives f back bit for bit.
+    The cap is shifted by −ρ so that the centre offset contributes exactly 0 (even when ρ²
+    underflows): then a ball that holds only its centre gives f back bit for bit.
     """
     steps = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (ndim,))
     if np.any(steps <= 0) or radius < 0:
@@ -50,7 +50,10 @@ def _ball_offsets(
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, ndim)
     dist2 = ((grid * steps) ** 2).sum(-1)
     inside = dist2 <= radius**2
-    caps = np.sqrt(radius**2 - dist2[inside]) - radius
+    inner = dist2[inside]
+    caps = np.zeros_like(inner)
+    away = inner > 0  # √(ρ² − d²) − ρ = −d² / (√(ρ² − d²) + ρ): no cancellation, 0 at d = 0
+    caps[away] = -inner[away] / (np.sqrt(radius**2 - inner[away]) + radius)
     return [tuple(int(v) for v in o) for o in grid[inside]], caps
 
 
