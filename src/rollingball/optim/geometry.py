@@ -88,8 +88,3 @@ def ball_centre(
     s = slope_factor(squared_norm(grads))
     centre = torch._foreach_add(params, grads, alpha=-radius / s)
     return list(centre), loss + radius / s
-
-
-def distance_to_graph_squared(offset: list[Tensor], height_mismatch: float) -> float:
-    """2φ(x) = ‖x − θ̃‖² + (f(x) − ỹ)², from the offset x − θ̃ and the mismatch f(x) − ỹ."""
-    return squared_norm(offset) + height_mismatch**2

@@ -10,7 +10,6 @@ Every evaluation of r at a new point costs one closure call (forward + backward)
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +26,9 @@ class ProjectionProblem(Protocol):
 
     def move(self, direction: list[Tensor], alpha: float = 1.0) -> None:
         """x ← x + α·direction."""
+
+    phi_noise: float
+    """The round-off level of the last φ: changes of φ below it are noise."""
 
     def evaluate(self, newton: bool) -> tuple[list[Tensor], float, float]:
         """(direction, ‖r(x)‖, φ(x)) at the current x; direction is r(x), or with `newton`
@@ -82,8 +84,11 @@ class AndersonProjection:
     exact projection for an affine f. With the last m differences ΔX_j = x_{j+1} − x_j and
     ΔP_j = p_{j+1} − p_j,
         α = argmin_α ‖p_k − ΔP α‖,   x_{k+1} = x_k − ΔX α − γ (p_k − ΔP α).
-    Safeguard: an accelerated iterate with φ(x_{k+1}) > φ(x_k) is rejected; the solver goes
-    back to x_k, forgets its history and takes the plain step x_k − γ p_k instead.
+    Safeguard: an iterate with φ(x_{k+1}) > φ(x_k) (beyond round-off) is rejected; the solver
+    goes back to x_k, forgets its history and takes the plain step x_k − γ p_k instead, halving
+    γ each time a plain step is rejected. So φ never increases: the solver descends to a local
+    minimum of φ (a locally nearest point), never to a saddle of φ, which a bare fixed-point
+    iteration can converge to when the ball is larger than the landscape's curvature radius.
     Stops when ‖r(x)‖ ≤ tol·‖r(θ)‖; every trial point costs one closure call, at most K.
     Extra memory: 2m + 1 parameter-sized buffers (the differences and the previous p).
     """
@@ -97,55 +102,68 @@ class AndersonProjection:
     def solve(self, problem: ProjectionProblem) -> ProjectionResult:
         direction, initial, phi_current = problem.evaluate(newton=True)
         previous = [d.clone() for d in direction]
-        x_steps: deque[list[Tensor]] = deque(maxlen=self.memory)
-        p_steps: deque[list[Tensor]] = deque(maxlen=self.memory)
-        norm, calls, safeguards = initial, 0, 0
+        history = _History(self.memory)
+        norm, calls, safeguards, step_size = initial, 0, 0, self.step_size
         while calls < self.max_steps and norm > self.tol * initial:
-            accelerated = len(x_steps) > 0
-            step = self._step(previous, x_steps, p_steps)
+            accelerated = bool(history.x_steps)
+            step = self._step(previous, history, step_size)
             problem.move(step)
             direction, new_norm, phi = problem.evaluate(newton=True)
             calls += 1
-            if accelerated and phi > phi_current:
+            if phi > phi_current + problem.phi_noise:  # reject: back to x_k (p_k = `previous`)
                 problem.move(step, -1.0)
-                x_steps.clear()
-                p_steps.clear()
-                if calls == self.max_steps:
-                    break  # back at x_k, whose residual `norm` is known
-                step = self._step(previous, x_steps, p_steps)
-                problem.move(step)
-                direction, new_norm, phi = problem.evaluate(newton=True)
-                calls += 1
+                history.clear()
                 safeguards += 1
-            x_steps.append(step)
-            p_steps.append(list(torch._foreach_sub(direction, previous)))
+                if not accelerated:
+                    step_size /= 2
+                continue
+            history.append(step, list(torch._foreach_sub(direction, previous)))
             copy_(previous, direction)
             norm, phi_current = new_norm, phi
         return ProjectionResult(calls, initial, norm, safeguards)
 
-    def _step(
-        self,
-        direction: list[Tensor],
-        x_steps: deque[list[Tensor]],
-        p_steps: deque[list[Tensor]],
-    ) -> list[Tensor]:
+    def _step(self, direction: list[Tensor], history: _History, step_size: float) -> list[Tensor]:
         """δ = −ΔX α − γ (p − ΔP α), α from the regularised normal equations of ‖p − ΔP α‖."""
-        step = list(torch._foreach_mul(direction, -self.step_size))
-        if not x_steps:
+        step = list(torch._foreach_mul(direction, -step_size))
+        if not history.x_steps:
             return step
-        m = len(p_steps)
-        gram = torch.empty(m, m, dtype=torch.float64)
-        rhs = torch.empty(m, dtype=torch.float64)
-        for i in range(m):
-            rhs[i] = inner(p_steps[i], direction)
-            for j in range(i + 1):
-                gram[i, j] = gram[j, i] = inner(p_steps[i], p_steps[j])
+        m = len(history.p_steps)
+        gram = torch.tensor(history.gram, dtype=torch.float64)
+        rhs = torch.tensor([inner(dp, direction) for dp in history.p_steps], dtype=torch.float64)
         ridge = self.regularization * float(gram.diagonal().max()) + 1e-300
         alpha = torch.linalg.solve(gram + ridge * torch.eye(m, dtype=torch.float64), rhs)
-        for a, dx, dp in zip(alpha.tolist(), x_steps, p_steps, strict=True):
+        for a, dx, dp in zip(alpha.tolist(), history.x_steps, history.p_steps, strict=True):
             torch._foreach_add_(step, dx, alpha=-a)
-            torch._foreach_add_(step, dp, alpha=self.step_size * a)
+            torch._foreach_add_(step, dp, alpha=step_size * a)
         return step
+
+
+class _History:
+    """The last m differences ΔX_j, ΔP_j and the Gram matrix ⟨ΔP_i, ΔP_j⟩, kept up to date
+    with m new inner products per iteration instead of m²."""
+
+    def __init__(self, memory: int) -> None:
+        self.memory = memory
+        self.x_steps: list[list[Tensor]] = []
+        self.p_steps: list[list[Tensor]] = []
+        self.gram: list[list[float]] = []
+
+    def append(self, dx: list[Tensor], dp: list[Tensor]) -> None:
+        if len(self.x_steps) == self.memory:
+            del self.x_steps[0], self.p_steps[0], self.gram[0]
+            for row in self.gram:
+                del row[0]
+        products = [inner(old, dp) for old in self.p_steps] + [inner(dp, dp)]
+        for row, product in zip(self.gram, products, strict=False):
+            row.append(product)
+        self.gram.append(products)
+        self.x_steps.append(dx)
+        self.p_steps.append(dp)
+
+    def clear(self) -> None:
+        self.x_steps.clear()
+        self.p_steps.clear()
+        self.gram.clear()
 
 
 def make_solver(

@@ -24,7 +24,6 @@ from torch.optim import Optimizer
 
 from rollingball.optim.geometry import (
     copy_,
-    distance_to_graph_squared,
     inner,
     slope_factor,
     squared_norm,
@@ -182,6 +181,7 @@ class _Projection:
         self.start_loss = start[0]
         self.pending: tuple[float, list[Tensor]] | None = start
         self.lift = lift
+        self.phi_noise = 0.0
 
     def move(self, direction: list[Tensor], alpha: float = 1.0) -> None:
         torch._foreach_add_(self.params, direction, alpha=alpha)
@@ -203,8 +203,12 @@ class _Projection:
         norm = math.sqrt(squared_norm(grad))
         if not math.isfinite(norm):
             raise _NonFinite(f"non-finite gradient at closure call {self.landscape.calls}")
-        phi = 0.5 * distance_to_graph_squared(self.offset, mismatch)
-        return (grad if direction is None else direction), norm, phi
+        if direction is None:
+            return grad, norm, math.nan  # plain iterations need no φ
+        offset_sq = squared_norm(self.offset)
+        eps = torch.finfo(self.params[0].dtype).eps
+        self.phi_noise = 4 * eps * (abs(mismatch) * (abs(value) + abs(self.start_loss)) + offset_sq)
+        return direction, norm, 0.5 * (offset_sq + mismatch**2)
 
 
 class RBO(Optimizer):
