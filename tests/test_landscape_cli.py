@@ -62,9 +62,12 @@ def test_iron_2d_two_starts(tmp_path):
     assert {"end_0", "end_1"} <= set(rows[0])
 
 
-def test_iron_refuses_bad_radii():
+@pytest.mark.parametrize(
+    "flags", [["--radii", "0.1,-1"], ["--domain=2,1"], ["--points", "2"], ["--start", "1,2,3"]]
+)
+def test_iron_refuses_bad_input(flags, tmp_path):
     with pytest.raises(SystemExit):
-        main(["iron", "ackley", "--radii", "0.1,-1"])
+        main(["iron", "ackley", "--steps", "1", "--out", str(tmp_path), *flags])
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])

@@ -103,8 +103,12 @@ def add_parser(subparsers: Any) -> None:
 def run_iron(args: argparse.Namespace) -> int:
     """Ironed figure, trajectories figure and a CSV of the runs' end points."""
     fn = get_function(args.function, args.dim)
+    if args.domain is not None and (len(args.domain) != 2 or args.domain[0] >= args.domain[1]):
+        raise SystemExit(f"--domain needs LO,HI with LO < HI, got {args.domain}")
     lo, hi = args.domain if args.domain else fn.domain
     points = args.points or (4001 if args.dim == 1 else 201)
+    if points < 3:
+        raise SystemExit(f"--points needs at least 3, got {points}")
     axis = np.linspace(lo, hi, points)
     spacing = float(axis[1] - axis[0])
     mesh = torch.meshgrid(*[torch.from_numpy(axis)] * args.dim, indexing="ij")
