@@ -175,8 +175,11 @@ def make_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sampler: Sampler[int]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # the seed of the single-process order below: rank r takes every world-th example
+        # of the same permutation, so the ranks' k-th batches together form the k-th batch
+        # of a single-process run with world times the batch size
         dist_sampler: DistributedSampler[Any] = DistributedSampler(
-            dataset, shuffle=shuffle, seed=seed, drop_last=drop_last
+            dataset, shuffle=shuffle, seed=seed * 1_000_003, drop_last=drop_last
         )
         dist_sampler.set_epoch(epoch)
         sampler = dist_sampler

@@ -45,6 +45,7 @@ from rollingball.experiments.config import (
     save_config,
 )
 from rollingball.experiments.data import DataBundle, load_data, make_loader, num_batches
+from rollingball.experiments.distributed import init_from_env
 from rollingball.experiments.models import build_model
 from rollingball.experiments.optimizers import CountingClosure, build_optimizer
 from rollingball.optim.batchnorm import first_call_updates_batchnorm
@@ -312,6 +313,7 @@ def run(
     after every step (tests use it to interrupt a run).
     """
     config.validate()
+    init_from_env()  # under torchrun: join the process group (no-op otherwise)
     ranks = Ranks()
     out = Path(out_dir) if out_dir is not None else None
     checkpoint = out / CHECKPOINT if out is not None else None
