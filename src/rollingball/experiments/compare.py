@@ -52,12 +52,12 @@ DEFAULT_RADII = (0.1, 0.3, 1.0)
 # chosen on a validation split as docs/results.md describes; everything else is the
 # registry default (rollingball.experiments.optimizers)
 COMPARE_HPARAMS: dict[str, dict[str, Any]] = {
-    "sgd": {"lr": 0.2},
-    "momentum": {"lr": 0.05},
-    "adamw": {"lr": 3e-3},
-    "sam": {"lr": 0.05, "rho": 0.05},
-    "entropy_sgd": {"lr": 1.0, "inner_lr": 0.1, "langevin_steps": 20},
-    "rbo": {"lr": 0.2},
+    "sgd": {"lr": 2.0},
+    "momentum": {"lr": 0.5},
+    "adamw": {"lr": 0.01},
+    "sam": {"lr": 0.1, "rho": 0.05},
+    "entropy_sgd": {"lr": 3.0},
+    "rbo": {"lr": 1.0},
 }
 
 
