@@ -19,6 +19,7 @@ from torch import nn
 from rollingball import RBO
 from rollingball.experiments.distributed import spawn
 from rollingball.optim.accumulation import micro_batch_closure, split_batch
+from rollingball.optim.batchnorm import first_call_updates_batchnorm
 
 BATCH = 16
 STEPS = 4
@@ -137,6 +138,30 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
         opt.step(closure)
         calls.append(opt.last_stats["grad_evals"])
     results["accumulation"] = {"calls": calls, "params": [p.detach() for p in model.parameters()]}
+    # BatchNorm under DDP: only the first closure call of a step updates the running stats
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(
+        nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    )
+    opt = RBO(model.parameters(), lr=0.3, radius=0.5)
+    calls = []
+    for x, y in make_batches(torch.float64, 1.0):
+
+        def bn_closure(x: torch.Tensor = x[shard], y: torch.Tensor = y[shard]) -> torch.Tensor:
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(first_call_updates_batchnorm(model, bn_closure))
+        calls.append(opt.last_stats["grad_evals"])
+    bn = model.module[0]
+    results["batchnorm"] = {
+        "calls": calls,
+        "running_mean": bn.running_mean.clone(),
+        "running_var": bn.running_var.clone(),
+        "tracked": int(bn.num_batches_tracked),
+    }
     # a NaN on rank 1 only: at the first call of step 1, then inside the projection of step 2
     for policy in ("raise", "skip"):
         model = nn.parallel.DistributedDataParallel(make_model(torch.float64))
@@ -191,6 +216,25 @@ def test_accumulation_under_ddp_matches_one_process(ddp_results: list[dict[str, 
             results["accumulation"]["params"], reference["params"], strict=True
         ):
             torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
+
+
+def test_batchnorm_running_stats_move_once_per_step_under_ddp(
+    ddp_results: list[dict[str, Any]],
+) -> None:
+    # DDP broadcasts rank 0's buffers at every forward, so rank 0's running statistics are
+    # the exponential average of its own batches' statistics, one update per step
+    mean, var = torch.zeros(5, dtype=torch.float64), torch.ones(5, dtype=torch.float64)
+    for x, _ in make_batches(torch.float64, 1.0):
+        half = x[: BATCH // 2]
+        mean = 0.9 * mean + 0.1 * half.mean(0)
+        var = 0.9 * var + 0.1 * half.var(0, unbiased=True)
+    rank0 = ddp_results[0]["batchnorm"]
+    assert rank0["calls"] == ddp_results[1]["batchnorm"]["calls"]
+    assert sum(rank0["calls"]) > 2 * STEPS  # several calls per step, one update per step
+    for results in ddp_results:
+        assert results["batchnorm"]["tracked"] == STEPS
+    torch.testing.assert_close(rank0["running_mean"], mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rank0["running_var"], var, rtol=0, atol=1e-12)
 
 
 def test_authors_mode_spends_k_calls_per_step_on_every_rank(
