@@ -56,7 +56,7 @@ COMPARE_HPARAMS: dict[str, dict[str, Any]] = {
     "momentum": {"lr": 0.5},
     "adamw": {"lr": 0.01},
     "sam": {"lr": 0.1, "rho": 0.05},
-    "entropy_sgd": {"lr": 3.0},
+    "entropy_sgd": {"lr": 100.0},
     "rbo": {"lr": 1.0},
 }
 
