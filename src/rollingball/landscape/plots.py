@@ -39,13 +39,14 @@ class Run:
     trajectory: Trajectory
 
 
-def save_png(fig: Figure, path: str | Path, dpi: int = 100, colors: int = 128) -> None:
+def save_png(fig: Figure, path: str | Path, dpi: int = 100, colors: int = 256) -> None:
     """Save ``fig`` as a PNG with an adaptive palette of ``colors`` colours (small files)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     buffer.seek(0)
     with Image.open(buffer) as image:
-        image.convert("RGB").quantize(colors=colors).save(path, optimize=True)
+        palette = image.convert("RGB").quantize(colors, method=Image.Quantize.FASTOCTREE)
+        palette.save(path, optimize=True)
 
 
 def _colours(n: int) -> list[tuple[float, float, float, float]]:
