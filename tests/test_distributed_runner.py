@@ -102,9 +102,9 @@ def _forbid_writes() -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a rank other than 0 wrote a file")
 
-    runner.atomic_write = refuse  # type: ignore[assignment]
-    runner.atomic_write_text = refuse  # type: ignore[assignment]
-    runner.save_config = refuse  # type: ignore[assignment]
+    runner.atomic_write = refuse
+    runner.atomic_write_text = refuse
+    runner.save_config = refuse
 
 
 def _resume_worker(rank: int, world: int, out: str) -> None:
