@@ -96,10 +96,8 @@ def main() -> None:
         result = torch.load(Path(out) / "result.pt")
     steps = args.steps * args.rounds
     sgd = statistics.median(result["times"]["sgd"])
-    print(
-        f"DDP on {args.world} CPU processes (gloo), tanh MLP 784-512-512-10, "
-        f"batch {BATCH} per rank"
-    )
+    setup = f"tanh MLP 784-512-512-10, batch {BATCH} per rank"
+    print(f"DDP on {args.world} CPU processes (gloo), {setup}")
     print(f"{'optimizer':16s} {'calls/step':>10s} {'step ms':>9s} {'ratio':>7s}")
     for name in OPTIMIZERS:
         per_step = result["calls"][name] / steps
