@@ -18,6 +18,7 @@ from torch import nn
 
 from rollingball import RBO
 from rollingball.experiments.distributed import spawn
+from rollingball.integrations import LossScaler
 from rollingball.optim.accumulation import micro_batch_closure, split_batch
 from rollingball.optim.batchnorm import first_call_updates_batchnorm
 
@@ -162,6 +163,30 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
         "running_var": bn.running_var.clone(),
         "tracked": int(bn.num_batches_tracked),
     }
+    # float16 with LossScaler: an overflow on one rank skips the step on every rank. Every
+    # rank holds the same scale (the gradients are all-reduced before they are unscaled)
+    model = nn.parallel.DistributedDataParallel(make_model(torch.float32))
+    opt = RBO(model.parameters(), lr=0.3, radius=0.5, projection_tol=1e-2)
+    scaler = LossScaler(init_scale=2.0**10)
+    losses = []
+    for step, (x, y) in enumerate(make_batches(torch.float32, 1.0)):
+        # rank 0's first batch overflows float16 (65504) in the forward pass
+        blow_up = 1e6 if rank == 0 and step == 0 else 1.0
+
+        def loss_fn(
+            x: torch.Tensor = x[shard] * blow_up, y: torch.Tensor = y[shard]
+        ) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.float16):
+                return nn.functional.mse_loss(model(x).float(), y)
+
+        loss = scaler.step(opt, loss_fn)
+        losses.append(None if loss is None else float(loss))
+    results["float16"] = {
+        "skipped": [loss is None for loss in losses],
+        "scale": scaler.scale,
+        "grad_evals": opt.grad_evals,
+        "params": [p.detach().clone() for p in model.parameters()],
+    }
     # a NaN on rank 1 only: at the first call of step 1, then inside the projection of step 2
     for policy in ("raise", "skip"):
         model = nn.parallel.DistributedDataParallel(make_model(torch.float64))
@@ -235,6 +260,16 @@ def test_batchnorm_running_stats_move_once_per_step_under_ddp(
         assert results["batchnorm"]["tracked"] == STEPS
     torch.testing.assert_close(rank0["running_mean"], mean, rtol=0, atol=1e-12)
     torch.testing.assert_close(rank0["running_var"], var, rtol=0, atol=1e-12)
+
+
+def test_a_float16_overflow_on_one_rank_skips_the_step_on_every_rank(
+    ddp_results: list[dict[str, Any]],
+) -> None:
+    rank0, rank1 = (r["float16"] for r in ddp_results)
+    assert rank0["skipped"] == rank1["skipped"] == [True] + [False] * (STEPS - 1)
+    assert rank0["scale"] == rank1["scale"] == 2.0**9
+    assert rank0["grad_evals"] == rank1["grad_evals"]
+    assert all(torch.equal(a, b) for a, b in zip(rank0["params"], rank1["params"], strict=True))
 
 
 def test_authors_mode_spends_k_calls_per_step_on_every_rank(

@@ -18,6 +18,8 @@ gradient, which RBO detects at whatever closure call it happens (on every rank a
 gradients are all-reduced): the step is skipped with the parameters untouched, and the
 scale is multiplied by ``backoff_factor``. After ``growth_interval`` steps in a row without
 an overflow it is multiplied by ``growth_factor``: the policy of ``torch.amp.GradScaler``.
+Under DDP give every rank the same ``init_scale``: DDP all-reduces the scaled gradients
+before they are unscaled, and as every rank skips the same steps the scales stay equal.
 bfloat16 needs none of this (it has float32's range): use autocast alone.
 """
 
