@@ -37,6 +37,7 @@ from rollingball.experiments.report import (
     aggregate,
     find_runs,
     markdown_table,
+    projection_table,
     rich_table,
     summary_rows,
     write_summary_csv,
@@ -199,7 +200,8 @@ def compare(
     write_summary_csv(rows, out / "summary.csv")
     plots = plot_curves(records, out, title="")
     atomic_write_text(
-        out / "report.md", _report_markdown(spec, runs, table, plots, title, elapsed, jobs)
+        out / "report.md",
+        _report_markdown(spec, runs, table, plots, title, elapsed, jobs, projection_table(records)),
     )
     console.print(
         f"wrote {out / 'summary.csv'}, {out / 'report.md'} and {len(plots)} plots ({elapsed:.0f} s)"
@@ -215,6 +217,7 @@ def _report_markdown(
     title: str,
     elapsed: float,
     jobs: int,
+    projections: str,
 ) -> str:
     lines = [
         f"# {title}",
@@ -226,6 +229,15 @@ def _report_markdown(
         "iterations per step; SAM: 2; Entropy-SGD: L).",
         "",
         markdown_table(table),
+    ]
+    if projections:
+        lines += [
+            "RBO's projection (means over all steps; at most 20 iterations, tolerance 1e-4 "
+            "relative to the starting residual):",
+            "",
+            projections,
+        ]
+    lines += [
         "Hyperparameters (all other values are the registry defaults):",
         "",
     ]

@@ -21,6 +21,7 @@ __all__ = [
     "aggregate",
     "find_runs",
     "markdown_table",
+    "projection_table",
     "rich_table",
     "summary_rows",
     "write_summary_csv",
@@ -183,4 +184,28 @@ def markdown_table(aggregated: Sequence[dict[str, Any]]) -> str:
     """The aggregated rows as a Markdown table."""
     lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join(["---"] * len(HEADERS)) + "|"]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in aggregated]
+    return "\n".join(lines) + "\n"
+
+
+def projection_table(records: Sequence[RunRecord]) -> str:
+    """Markdown table of RBO's projection statistics per radius (means over epochs and seeds)."""
+    groups: dict[str, list[RunRecord]] = {}
+    for record in records:
+        if any("proj_steps_mean" in row for row in record.metrics):
+            groups.setdefault(record.label, []).append(record)
+    if not groups:
+        return ""
+    lines = [
+        "| optimizer | projection iterations per step | steps converged | relative residual |",
+        "|---|---|---|---|",
+    ]
+    for label, members in groups.items():
+        rows = [row for r in members for row in r.metrics if "proj_steps_mean" in row]
+        steps = statistics.fmean(float(row["proj_steps_mean"]) for row in rows)
+        converged = statistics.fmean(float(row["proj_converged_frac"]) for row in rows)
+        residuals = [float(row["proj_residual_mean"]) for row in rows]
+        residual = statistics.median(residuals) if residuals else float("nan")
+        lines.append(
+            f"| {label} | {steps:.1f} | {100 * converged:.0f}% | {residual:.1e} (median) |"
+        )
     return "\n".join(lines) + "\n"
