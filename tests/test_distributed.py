@@ -9,6 +9,7 @@ dominates); the one-process references run here in the test process.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -300,3 +301,17 @@ def test_nan_on_one_rank_is_refused_on_every_rank(
             assert a["skipped"] == b["skipped"] == 1
         assert a["grad_evals"] == b["grad_evals"] == sum(a["calls"])
         assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"], strict=True))
+
+
+def _stuck_worker(rank: int, world: int) -> None:
+    if rank == 0:
+        torch.distributed.all_reduce(torch.zeros(1))  # waits for a rank that never comes
+    else:
+        time.sleep(600)
+
+
+def test_a_deadlocked_job_fails_instead_of_hanging() -> None:
+    start = time.monotonic()
+    with pytest.raises((TimeoutError, torch.multiprocessing.ProcessRaisedException)):
+        spawn(_stuck_worker, 2, timeout_s=8)
+    assert time.monotonic() - start < 60

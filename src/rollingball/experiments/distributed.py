@@ -1,10 +1,10 @@
 """Distributed runs: set-up from ``torchrun``'s environment, and local multi-process jobs.
 
-Under ``torchrun --nproc_per_node N -m rollingball run CONFIG`` every process calls
-:func:`init_from_env`, wraps its model with :func:`wrap_model` (DistributedDataParallel,
-optionally with SyncBatchNorm) and trains on its shard of every epoch (the loaders of
-``data.make_loader`` use a ``DistributedSampler`` once a process group exists). Metrics are
-summed with :func:`all_sum` and only the process of rank 0 writes files (:func:`is_main`).
+Under ``torchrun --nproc_per_node N -m rollingball run CONFIG`` the runner calls
+:func:`init_from_env` in every process, then wraps the model in DistributedDataParallel
+(optionally with SyncBatchNorm), trains each rank on its shard of every epoch (the loaders
+of ``data.make_loader`` use a ``DistributedSampler`` once a process group exists), sums the
+metrics over the ranks and writes files from rank 0 only (``runner.Ranks``).
 
 :func:`spawn` runs a function on N local processes with a fresh gloo process group and a
 deadline: the tests and ``benchmarks/bench_ddp.py`` use it to run real distributed jobs
@@ -23,38 +23,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-__all__ = [
-    "all_sum",
-    "init_from_env",
-    "is_distributed",
-    "is_main",
-    "rank",
-    "spawn",
-    "world_size",
-    "wrap_model",
-]
-
-
-def is_distributed() -> bool:
-    """Whether a torch.distributed process group is initialised."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    """This process's rank (0 outside a process group)."""
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size() -> int:
-    """The number of processes (1 outside a process group)."""
-    return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main() -> bool:
-    """Whether this process writes files and prints: rank 0, or the only process."""
-    return rank() == 0
+__all__ = ["init_from_env", "spawn"]
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool:
@@ -73,30 +43,6 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
-
-
-def wrap_model(model: nn.Module, sync_batchnorm: bool = False) -> nn.Module:
-    """``model`` for data-parallel training: SyncBatchNorm if asked, then DDP.
-
-    Outside a process group the model is returned unchanged. The model must already be on
-    its device (this process's GPU under NCCL).
-    """
-    if not is_distributed():
-        return model
-    if sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    device = next(model.parameters()).device
-    device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
-def all_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
-    """Element-wise sum of ``values`` over all processes, in float64 (identity in one process)."""
-    if not is_distributed():
-        return list(values)
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return [float(v) for v in total.tolist()]
 
 
 def _entry(
