@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from rollingball.optim.geometry import copy_, inner
+from rollingball.optim.geometry import inner
 
 SOLVERS = ("anderson", "gd")
 
@@ -32,7 +32,7 @@ class ProjectionProblem(Protocol):
 
     def evaluate(self, newton: bool) -> tuple[list[Tensor], float, float]:
         """(direction, ‖r(x)‖, φ(x)) at the current x; direction is r(x), or with `newton`
-        the Gauss–Newton direction (I + ∇f ∇fᵀ)⁻¹ r(x).
+        the Gauss–Newton direction (I + ∇f ∇fᵀ)⁻¹ r(x) in a new buffer of its own.
 
         The first call answers for x₀ = θ without a closure call; every later call costs one.
         The direction may live in the parameters' `.grad` tensors, which the next call reuses.
@@ -90,7 +90,8 @@ class AndersonProjection:
     minimum of φ (a locally nearest point), never to a saddle of φ, which a bare fixed-point
     iteration can converge to when the ball is larger than the landscape's curvature radius.
     Stops when ‖r(x)‖ ≤ tol·‖r(θ)‖; every trial point costs one closure call, at most K.
-    Extra memory: 2m + 1 parameter-sized buffers (the differences and the previous p).
+    Extra memory: 2m + 3 parameter-sized buffers at the peak (m + 1 differences of each kind
+    and the current p), besides the two every step holds (the snapshot and u = x − θ̃).
     """
 
     max_steps: int
@@ -100,8 +101,7 @@ class AndersonProjection:
     regularization: float = 1e-10
 
     def solve(self, problem: ProjectionProblem) -> ProjectionResult:
-        direction, initial, phi_current = problem.evaluate(newton=True)
-        previous = [d.clone() for d in direction]
+        previous, initial, phi_current = problem.evaluate(newton=True)
         history = _History(self.memory)
         norm, calls, safeguards, step_size = initial, 0, 0, self.step_size
         while calls < self.max_steps and norm > self.tol * initial:
@@ -117,9 +117,10 @@ class AndersonProjection:
                 if not accelerated:
                     step_size /= 2
                 continue
-            history.append(step, list(torch._foreach_sub(direction, previous)))
-            copy_(previous, direction)
-            norm, phi_current = new_norm, phi
+            torch._foreach_neg_(previous)  # becomes ΔP = p_{k+1} − p_k in place
+            torch._foreach_add_(previous, direction)
+            history.append(step, previous)
+            previous, norm, phi_current = direction, new_norm, phi
         return ProjectionResult(calls, initial, norm, safeguards)
 
     def _step(self, direction: list[Tensor], history: _History, step_size: float) -> list[Tensor]:
