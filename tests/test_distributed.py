@@ -125,6 +125,11 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
         model = nn.parallel.DistributedDataParallel(make_model(dtype))
         opt = RBO(model.parameters(), **kwargs)
         results[name] = train(model, opt, make_batches(dtype, scale), shard)
+    # DDP's gradients as views into its communication buckets: RBO writes into .grad
+    kwargs, dtype, scale = CASES["anderson"]
+    model = nn.parallel.DistributedDataParallel(make_model(dtype), gradient_as_bucket_view=True)
+    opt = RBO(model.parameters(), **kwargs)
+    results["bucket_view"] = train(model, opt, make_batches(dtype, scale), shard)
     # gradient accumulation under DDP: micro-batches of 3 + 3 + 2 rows, one all-reduce per call
     kwargs, dtype, scale = CASES["anderson"]
     model = nn.parallel.DistributedDataParallel(make_model(dtype))
@@ -232,6 +237,14 @@ def test_two_ranks_match_one_process_with_the_whole_batch(
         for p, q in zip(reference["params"], make_model(CASES[name][1]).parameters(), strict=True)
     )
     assert moved > 1e-3  # the steps did move the parameters
+
+
+def test_gradients_as_bucket_views_give_the_same_run(ddp_results: list[dict[str, Any]]) -> None:
+    reference = _reference("anderson")
+    for results in ddp_results:
+        assert results["bucket_view"]["calls"] == reference["calls"]
+        for ours, theirs in zip(results["bucket_view"]["params"], reference["params"], strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-10)
 
 
 def test_accumulation_under_ddp_matches_one_process(ddp_results: list[dict[str, Any]]) -> None:
