@@ -112,8 +112,10 @@ def run_iron(args: argparse.Namespace) -> int:
     axis = np.linspace(lo, hi, points)
     spacing = float(axis[1] - axis[0])
     mesh = torch.meshgrid(*[torch.from_numpy(axis)] * args.dim, indexing="ij")
-    with torch.no_grad():
-        values = fn(torch.stack(mesh, -1)).numpy()
+    points_flat = torch.stack(mesh, -1).reshape(-1, args.dim)
+    with torch.no_grad():  # in chunks: gaussian_wells holds a (points, wells, d) difference
+        chunks = [fn(chunk) for chunk in points_flat.split(4096)]
+    values = torch.cat(chunks).reshape(mesh[0].shape).numpy()
     surfaces = {r: iron(values, spacing, r) for r in args.radii}
     grid = [axis] * args.dim
     args.out.mkdir(parents=True, exist_ok=True)
