@@ -1,4 +1,8 @@
-"""`rollingball iron` and `rollingball landscape`: the microscope's two commands."""
+"""`rollingball iron` and `rollingball landscape`: the microscope's two commands.
+
+matplotlib, Pillow and rich are imported by the commands that draw, not at registration,
+so that `rollingball --help` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,6 @@ import torch
 
 from rollingball.landscape.functions import FUNCTIONS, get_function
 from rollingball.landscape.ironing import iron, unreachable_from_ironed
-from rollingball.landscape.plots import Run, plot_ironed, plot_trajectories, save_png
-from rollingball.landscape.sharpness import dataset_loss
-from rollingball.landscape.slices import filter_normalized_direction, ironed_slices, loss_slice
 from rollingball.landscape.trajectories import trajectory
 from rollingball.optim.rbo import RBO
 
@@ -102,6 +103,7 @@ def add_parser(subparsers: Any) -> None:
 
 def run_iron(args: argparse.Namespace) -> int:
     """Ironed figure, trajectories figure and a CSV of the runs' end points."""
+    from rollingball.landscape.plots import Run, plot_ironed, plot_trajectories, save_png
     fn = get_function(args.function, args.dim)
     if args.domain is not None and (len(args.domain) != 2 or args.domain[0] >= args.domain[1]):
         raise SystemExit(f"--domain needs LO,HI with LO < HI, got {args.domain}")
@@ -175,6 +177,9 @@ def run_landscape(args: argparse.Namespace) -> int:
     """Slice figure with its ironed versions, the slice's values (CSV) and settings (JSON)."""
     from rollingball.experiments.data import TensorData, load_data
     from rollingball.experiments.models import build_model
+    from rollingball.landscape.plots import plot_ironed, save_png
+    from rollingball.landscape.sharpness import dataset_loss
+    from rollingball.landscape.slices import filter_normalized_direction, ironed_slices, loss_slice
 
     bundle = load_data(args.data, args.data_dir)
     dataset = bundle.train if args.split == "train" else bundle.test
