@@ -104,6 +104,7 @@ def add_parser(subparsers: Any) -> None:
 def run_iron(args: argparse.Namespace) -> int:
     """Ironed figure, trajectories figure and a CSV of the runs' end points."""
     from rollingball.landscape.plots import Run, plot_ironed, plot_trajectories, save_png
+
     fn = get_function(args.function, args.dim)
     if args.domain is not None and (len(args.domain) != 2 or args.domain[0] >= args.domain[1]):
         raise SystemExit(f"--domain needs LO,HI with LO < HI, got {args.domain}")
