@@ -1,6 +1,6 @@
 """RBO's step time under DDP against (closure calls per step) × SGD's DDP step time.
 
-    python benchmarks/bench_ddp.py [--world 2] [--steps 10] [--rounds 3]
+    python benchmarks/bench_ddp.py [--world 2] [--steps 30]
 
 Spawns `--world` CPU processes (gloo, one thread each). Each rank trains an MLP
 784-512-512-10 (tanh) on its own batch of 128. Per closure call DDP all-reduces the gradients
@@ -11,8 +11,9 @@ makes one closure call per step, RBO 1 + K; the ratio
 
 is 1 when a closure call costs RBO what a whole step costs SGD; above 1 is RBO's own
 overhead (its vector operations, the scalar all-reduce, the projection's bookkeeping).
-SGD and RBO are timed in alternating rounds, side by side in one run, and the medians of
-the per-step times are compared. RBO runs with the authors' fixed K = 8 (tol = 0) and with
+The optimizers take their steps in turn (one SGD step, one step of each RBO, again), so
+that a change in the machine's load hits all of them alike, and the medians of the
+per-step times are compared. RBO runs with the authors' fixed K = 8 (tol = 0) and with
 the default Anderson solver (K varies with the step).
 """
 
@@ -49,18 +50,18 @@ def make_model() -> nn.Module:
     )
 
 
-def _worker(rank: int, world: int, steps: int, rounds: int, out: str) -> None:
+def _worker(rank: int, world: int, steps: int, out: str) -> None:
     generator = torch.Generator().manual_seed(rank)
     x = torch.randn(BATCH, 784, generator=generator)
     y = torch.randint(0, 10, (BATCH,), generator=generator)
-    runs = {}
+    runs: dict[str, tuple[nn.Module, Any]] = {}
     for name, build in OPTIMIZERS.items():
         model = nn.parallel.DistributedDataParallel(make_model())
         runs[name] = (model, build(model.parameters()))
     times: dict[str, list[float]] = {name: [] for name in OPTIMIZERS}
     calls: dict[str, int] = dict.fromkeys(OPTIMIZERS, 0)
-    for round_index in range(rounds + 1):  # round 0 warms up
-        for name, (model, opt) in runs.items():
+    for step in range(steps + 2):  # the first 2 steps warm up
+        for name, (model, opt) in runs.items():  # one step of each, in turn
             counter = [0]
 
             def closure(model: nn.Module = model, opt: Any = opt, counter: list = counter) -> Any:
@@ -70,14 +71,12 @@ def _worker(rank: int, world: int, steps: int, rounds: int, out: str) -> None:
                 loss.backward()
                 return loss
 
-            for _ in range(steps if round_index else 2):
-                dist.barrier()
-                start = time.perf_counter()
-                opt.step(closure)
-                elapsed = time.perf_counter() - start
-                if round_index:
-                    times[name].append(elapsed)
-            if round_index:
+            dist.barrier()
+            start = time.perf_counter()
+            opt.step(closure)
+            elapsed = time.perf_counter() - start
+            if step >= 2:
+                times[name].append(elapsed)
                 calls[name] += counter[0]
     if rank == 0:
         torch.save({"times": times, "calls": calls}, Path(out) / "result.pt")
@@ -88,13 +87,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--world", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_ddp_") as out:
-        spawn(_worker, args.world, args.steps, args.rounds, out, timeout_s=1200)
+        spawn(_worker, args.world, args.steps, out, timeout_s=1200)
         result = torch.load(Path(out) / "result.pt")
-    steps = args.steps * args.rounds
+    steps = args.steps
     sgd = statistics.median(result["times"]["sgd"])
     setup = f"tanh MLP 784-512-512-10, batch {BATCH} per rank"
     print(f"DDP on {args.world} CPU processes (gloo), {setup}")
