@@ -78,8 +78,19 @@ def _worker(rank: int, world: int, steps: int, out: str) -> None:
             if step >= 2:
                 times[name].append(elapsed)
                 calls[name] += counter[0]
+    # the two collectives of a closure call, alone: RBO's scalar and a gradient-sized one
+    scalar = torch.zeros((), dtype=torch.float64)
+    gradient = torch.zeros(sum(p.numel() for p in make_model().parameters()))
+    collectives = {}
+    for label, tensor, repeats in (("scalar", scalar, 200), ("gradient", gradient, 20)):
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            dist.all_reduce(tensor)
+        collectives[label] = (time.perf_counter() - start) / repeats
     if rank == 0:
-        torch.save({"times": times, "calls": calls}, Path(out) / "result.pt")
+        result = {"times": times, "calls": calls, "collectives": collectives}
+        torch.save(result, Path(out) / "result.pt")
 
 
 def main() -> None:
@@ -103,6 +114,12 @@ def main() -> None:
         ratio = median / (per_step * sgd)
         print(f"{name:16s} {per_step:10.2f} {median * 1e3:9.2f} {ratio:7.3f}")
     print("ratio = RBO step time / ((closure calls per step) x SGD step time), medians")
+    scalar, gradient = result["collectives"]["scalar"], result["collectives"]["gradient"]
+    size = sum(p.numel() for p in make_model().parameters())
+    print(
+        f"all-reduce alone: one float64 scalar {scalar * 1e3:.3f} ms, "
+        f"the gradients ({size:,} float32 in one tensor) {gradient * 1e3:.2f} ms"
+    )
 
 
 if __name__ == "__main__":
