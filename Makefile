@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[experiments,landscape,lightning,dev]" $(TORCH)
 	touch $@
 
-.PHONY: install test test-all lint compare demo
+.PHONY: install test test-all compare
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
@@ -26,5 +26,3 @@ test-all: $(VENV)/.installed
 compare: $(VENV)/.installed
 	$(VENV)/bin/rollingball compare
 
-demo: $(VENV)/.installed
-	$(VENV)/bin/rollingball demo

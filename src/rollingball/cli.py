@@ -6,30 +6,16 @@ import argparse
 import importlib
 import sys
 
-# sub-command name -> module that defines `add_parser(subparsers)`; imported lazily so that
-# `rollingball --help` stays fast and optional extras are only needed by the commands using them.
-COMMANDS: dict[str, str] = {
-    "demo": "rollingball.demo",
-    "iron": "rollingball.landscape.cli",
-    "landscape": "rollingball.landscape.cli",
-    "run": "rollingball.experiments.cli",
-    "compare": "rollingball.experiments.cli",
-    "sweep": "rollingball.experiments.cli",
-    "report": "rollingball.experiments.cli",
-}
+# Each module defines `add_parser(subparsers)` for its sub-commands; imported when the command
+# line is parsed, so that `import rollingball` needs neither matplotlib nor the datasets.
+COMMAND_MODULES = ("rollingball.landscape.cli", "rollingball.experiments.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rollingball", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module_name in dict.fromkeys(COMMANDS.values()):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name and error.name.startswith("rollingball"):
-                continue  # that part of the package is not built yet
-            raise
-        module.add_parser(subparsers)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_parser(subparsers)
     return parser
 
 
