@@ -63,7 +63,8 @@ def main() -> None:
         print(
             f"radius {radius:4}: end x = {contact[-1]:+.4f}, f = {losses[-1]:.4f}, "
             f"closure calls/step {calls.mean():.2f}, over the last 200 steps: contact x in "
-            f"[{contact[-200:].min():+.3f}, {contact[-200:].max():+.3f}], mean jump {jumps.mean():.4f}"
+            f"[{contact[-200:].min():+.3f}, {contact[-200:].max():+.3f}], "
+            f"mean jump {jumps.mean():.4f}"
         )
         label = "gradient descent (ρ = 0)" if radius == 0 else f"ρ = {radius}"
         top.plot(losses, color=colour, lw=0.8, label=label)
