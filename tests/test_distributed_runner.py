@@ -19,7 +19,12 @@ import pytest
 import torch
 
 from rollingball.experiments import runner
-from rollingball.experiments.config import config_from_dict, load_config, save_config
+from rollingball.experiments.config import (
+    ConfigError,
+    config_from_dict,
+    load_config,
+    save_config,
+)
 from rollingball.experiments.data import load_data
 from rollingball.experiments.distributed import spawn
 from rollingball.experiments.runner import read_metrics, run
@@ -112,6 +117,11 @@ def _resume_worker(rank: int, world: int, out: str) -> None:
         _forbid_writes()
     data = load_data("mnist1d", val_fraction=0.1, seed=3)
     config = make_config(50, 2)
+    cpu_sync = make_config(50, 2)
+    cpu_sync.sync_batchnorm = True
+    with pytest.raises(ConfigError, match="SyncBatchNorm runs on GPUs only"):
+        run(cpu_sync, out, data=data)  # refused before anything is written
+    assert not Path(out).exists()
 
     def kill(state: Any) -> None:
         if state.step == 50:  # in epoch 2: the last checkpoint is the end of epoch 1

@@ -329,6 +329,11 @@ def run(
             )
 
     device = _device(config.device, ranks)
+    if config.sync_batchnorm and ranks.distributed and device.type == "cpu":
+        raise ConfigError(
+            "sync_batchnorm: PyTorch's SyncBatchNorm runs on GPUs only; on CPU leave it off "
+            "(DDP then uses rank 0's BatchNorm statistics)"
+        )
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     # everything that can fail on bad input happens before the first file is written
