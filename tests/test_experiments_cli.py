@@ -212,3 +212,30 @@ def test_run_reports_bad_configs(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert main(["sweep", str(config).replace("bad", "missing"), "--lr", "0.1"]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_compare_hyperparameter_file(tmp_path, capsys):
+    hparams = tmp_path / "h.toml"
+    hparams.write_text('[sgd]\nlr = 0.3\n[rbo]\nlr = 0.2\n[rbo.lr_by_radius]\n"0.5" = 0.7\n')
+    out = tmp_path / "c"
+    args = [
+        "compare",
+        "--data",
+        "digits",
+        "--epochs",
+        "1",
+        "--seeds",
+        "1",
+        "--optimizers",
+        "sgd,rbo",
+    ]
+    assert main([*args, "--radii", "0.5,0.2", "--hparams", str(hparams), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "`sgd`: lr = 0.3" in report
+    assert "`rbo`: lr = 0.7, radius = 0.5" in report and "`rbo`: lr = 0.2, radius = 0.2" in report
+    hparams.write_text("[lion]\nlr = 1\n")
+    assert main([*args, "--hparams", str(hparams), "--out", str(tmp_path / "d")]) == 2
+    assert "[lion] is not an optimizer" in capsys.readouterr().err
+    hparams.write_text("[sgd]\nlr = -1\n")
+    assert main([*args, "--hparams", str(hparams), "--out", str(tmp_path / "d")]) == 2
+    assert "lr must be" in capsys.readouterr().err

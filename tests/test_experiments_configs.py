@@ -8,7 +8,8 @@ from rollingball.experiments.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1] / "experiments"
 PAPER = sorted((ROOT / "paper").glob("*.toml"))
-FAIR = sorted((ROOT / "fair").glob("*.toml"))
+FAIR = sorted(p for p in (ROOT / "fair").glob("*.toml") if not p.stem.startswith("compare_"))
+HPARAMS = sorted((ROOT / "fair").glob("compare_*.toml"))
 
 
 @pytest.mark.parametrize("path", PAPER + FAIR, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -52,3 +53,19 @@ def test_fair_equal_closure_call_budgets():
         "cifar10_wrn16_8_momentum_epochs",
         "cifar10_resnet18_adamw_epochs",
     } <= names
+
+
+@pytest.mark.parametrize("path", HPARAMS, ids=lambda p: p.stem)
+def test_compare_hyperparameter_files_are_valid(path):
+    from rollingball.experiments.compare import load_hparams
+
+    hparams, by_radius = load_hparams(path)
+    assert set(hparams) == {"sgd", "momentum", "adamw", "sam", "entropy_sgd", "rbo"}
+    assert by_radius and all(r > 0 and lr > 0 for r, lr in by_radius.items())
+
+
+def test_the_mnist1d_file_holds_the_compare_defaults():
+    from rollingball.experiments.compare import COMPARE_HPARAMS, RBO_LR_BY_RADIUS, load_hparams
+
+    hparams, by_radius = load_hparams(ROOT / "fair" / "compare_mnist1d.toml")
+    assert hparams == COMPARE_HPARAMS and by_radius == RBO_LR_BY_RADIUS

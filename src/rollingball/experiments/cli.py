@@ -67,6 +67,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--data-dir", help="directory with the dataset files")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
+    p.add_argument(
+        "--hparams",
+        help="TOML of per-optimizer hyperparameters, e.g. experiments/fair/compare_digits.toml",
+    )
     p.set_defaults(func=_cmd_compare)
 
     p = subparsers.add_parser(
@@ -160,10 +164,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         DEFAULT_RADII,
         CompareSpec,
         compare,
+        load_hparams,
     )
     from rollingball.experiments.config import ConfigError
     from rollingball.experiments.data import DataNotFoundError
 
+    try:
+        hparams, by_radius = load_hparams(args.hparams) if args.hparams else (None, None)
+    except ConfigError as error:
+        print(f"rollingball compare: error: {error}", file=sys.stderr)
+        return 2
     spec = CompareSpec(
         data=args.data,
         model=args.model,
@@ -176,6 +186,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         data_dir=args.data_dir,
     )
+    if hparams is not None:
+        spec.hparams = hparams
+    if by_radius is not None:
+        spec.rbo_lr_by_radius = by_radius
     try:
         compare(spec, args.out, jobs=args.jobs, console=_console())
     except (ConfigError, DataNotFoundError, ValueError) as error:

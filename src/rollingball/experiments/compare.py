@@ -23,6 +23,7 @@ import torch
 from rollingball.experiments.atomic import atomic_write_text
 from rollingball.experiments.config import (
     BudgetConfig,
+    ConfigError,
     DataConfig,
     ModelConfig,
     OptimizerConfig,
@@ -44,7 +45,7 @@ from rollingball.experiments.report import (
 )
 from rollingball.experiments.runner import run
 
-__all__ = ["COMPARE_HPARAMS", "CompareSpec", "compare", "compare_configs"]
+__all__ = ["COMPARE_HPARAMS", "CompareSpec", "compare", "compare_configs", "load_hparams"]
 
 DEFAULT_OPTIMIZERS = ("sgd", "momentum", "adamw", "sam", "entropy_sgd", "rbo")
 DEFAULT_RADII = (0.1, 0.3, 1.0)
@@ -95,6 +96,39 @@ class CompareSpec:
             raise ValueError("--grad-evals must be >= 1")
         if "rbo" in self.optimizers and not self.radii:
             raise ValueError("rbo needs at least one radius (--radii)")
+
+
+def load_hparams(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[float, float] | None]:
+    """Per-optimizer hyperparameters for ``compare`` from a TOML file.
+
+    One table per optimizer (``[sgd]``, ``[rbo]``, ...) replaces that optimizer's defaults;
+    ``[rbo.lr_by_radius]`` maps a radius (a quoted key, e.g. ``"0.3" = 1.0``) to RBO's
+    learning rate. Returns the merged tables and the radius map (``None``: keep the default).
+    """
+    import tomllib
+
+    from rollingball.experiments.optimizers import OPTIMIZERS, validate_hyperparameters
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"hyperparameter file not found: {path}")
+    raw = tomllib.loads(path.read_text())
+    hparams = dict(COMPARE_HPARAMS)
+    by_radius: dict[float, float] | None = None
+    for name, table in raw.items():
+        if name not in OPTIMIZERS or not isinstance(table, dict):
+            raise ConfigError(
+                f"{path}: [{name}] is not an optimizer; choose from {', '.join(OPTIMIZERS)}"
+            )
+        table = dict(table)
+        if name == "rbo":
+            by_radius = {float(k): float(v) for k, v in table.pop("lr_by_radius", {}).items()}
+        try:
+            validate_hyperparameters(name, table)
+        except ValueError as error:
+            raise ConfigError(f"{path}: {error}") from None
+        hparams[name] = table
+    return hparams, by_radius
 
 
 def _model_kwargs(spec: CompareSpec) -> dict[str, Any]:
