@@ -144,7 +144,8 @@ class _Landscape:
         """The loss as a float, averaged over the process group when training is distributed."""
         if self.process_group is None:
             return _as_float(loss)
-        total = torch.as_tensor(loss).detach().reshape(()).to(torch.float64).clone()
+        device = next(p for params in self.params for p in params).device  # NCCL needs GPU
+        total = torch.as_tensor(loss, device=device).detach().reshape(()).to(torch.float64).clone()
         dist.all_reduce(total, group=self.process_group)
         return float(total) / dist.get_world_size(self.process_group)
 
