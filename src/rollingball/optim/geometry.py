@@ -4,7 +4,7 @@ Every function works on all parameter tensors at once with `torch._foreach_*` ke
 returns Python floats (float64) for scalars, so that the decisions of a step are taken on
 exactly the same numbers on every process. Parameters sharded as DTensors (FSDP2's
 `fully_shard`) count with their whole global tensor: the sums over the local shards are
-all-reduced over the shards' mesh, one scalar collective per sum and placement.
+all-reduced over the shards' mesh, one collective per reduction and layout.
 """
 
 from __future__ import annotations
@@ -30,19 +30,29 @@ def squared_norm(tensors: list[Tensor]) -> float:
     total = 0.0
     for layout, local_tensors in groups.items():
         norms = torch._foreach_norm(local_tensors)
-        total += _global(torch.stack([n.double() for n in norms]).square().sum(), layout)
+        total += float(_global(torch.stack([n.double() for n in norms]).square().sum(), layout))
     return total
 
 
 def inner(a: list[Tensor], b: list[Tensor]) -> float:
     """⟨a, b⟩ = Σ_t ⟨a_t, b_t⟩, each term in its own dtype, the sum in float64."""
-    groups: dict[Any, list[Tensor]] = {}
-    for x, y in zip(a, b, strict=True):
-        layout, x_local = _local(x)
-        y_local = _local(y)[1]
-        term = torch.vdot(x_local.reshape(-1), y_local.reshape(-1)).double()
-        groups.setdefault(layout, []).append(term)
-    return sum((_global(torch.stack(terms).sum(), layout) for layout, terms in groups.items()), 0.0)
+    return inners([a], b)[0]
+
+
+def inners(lefts: list[list[Tensor]], right: list[Tensor]) -> list[float]:
+    """[⟨a, b⟩ for a in lefts]: one host synchronisation (and, for DTensors, one collective
+    per layout) for all of them together."""
+    if not lefts:
+        return []
+    columns: dict[Any, list[Tensor]] = {}
+    for t, y in enumerate(right):
+        layout, y_local = _local(y)
+        terms = [torch.vdot(_local(a[t])[1].reshape(-1), y_local.reshape(-1)) for a in lefts]
+        columns.setdefault(layout, []).append(torch.stack([term.double() for term in terms]))
+    total = torch.zeros(len(lefts), dtype=torch.float64)
+    for layout, parts in columns.items():
+        total += _global(torch.stack(parts).sum(0), layout).cpu()
+    return total.tolist()
 
 
 def copy_(targets: list[Tensor], sources: list[Tensor]) -> None:
@@ -64,13 +74,13 @@ def _local(t: Tensor) -> tuple[Any, Tensor]:
     return (t.device_mesh, tuple(t.placements)), t.to_local()
 
 
-def _global(local_sum: Tensor, layout: Any) -> float:
-    """A sum over local shards made global: all-reduced over the mesh dimensions that shard."""
+def _global(local_sum: Tensor, layout: Any) -> Tensor:
+    """Sums over local shards made global: all-reduced over the mesh dimensions that shard."""
     if layout is None:
-        return float(local_sum)
+        return local_sum
     mesh, placements = layout
     summed = [Partial() if p.is_shard() else Replicate() for p in placements]
-    return float(DTensor.from_local(local_sum, mesh, summed, run_check=False).full_tensor())
+    return DTensor.from_local(local_sum, mesh, summed, run_check=False).full_tensor()
 
 
 def slope_factor(grad_squared_norm: float) -> float:

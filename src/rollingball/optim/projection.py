@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from rollingball.optim.geometry import inner
+from rollingball.optim.geometry import inners
 
 SOLVERS = ("anderson", "gd")
 
@@ -130,7 +130,7 @@ class AndersonProjection:
             return step
         m = len(history.p_steps)
         gram = torch.tensor(history.gram, dtype=torch.float64)
-        rhs = torch.tensor([inner(dp, direction) for dp in history.p_steps], dtype=torch.float64)
+        rhs = torch.tensor(inners(history.p_steps, direction), dtype=torch.float64)
         ridge = self.regularization * float(gram.diagonal().max()) + 1e-300
         alpha = torch.linalg.solve(gram + ridge * torch.eye(m, dtype=torch.float64), rhs)
         for a, dx, dp in zip(alpha.tolist(), history.x_steps, history.p_steps, strict=True):
@@ -154,7 +154,7 @@ class _History:
             del self.x_steps[0], self.p_steps[0], self.gram[0]
             for row in self.gram:
                 del row[0]
-        products = [inner(old, dp) for old in self.p_steps] + [inner(dp, dp)]
+        products = inners([*self.p_steps, dp], dp)
         for row, product in zip(self.gram, products, strict=False):
             row.append(product)
         self.gram.append(products)
