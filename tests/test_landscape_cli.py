@@ -70,6 +70,11 @@ def test_iron_refuses_bad_input(flags, tmp_path):
         main(["iron", "ackley", "--steps", "1", "--out", str(tmp_path), *flags])
 
 
+def test_iron_refuses_one_dimensional_rosenbrock(tmp_path):
+    with pytest.raises(SystemExit, match="dim >= 2"):
+        main(["iron", "rosenbrock", "--dim", "1", "--out", str(tmp_path)])
+
+
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_landscape_slice_2d(tmp_path, checkpoint):
     from rollingball.experiments.data import load_data

@@ -105,7 +105,10 @@ def run_iron(args: argparse.Namespace) -> int:
     """Ironed figure, trajectories figure and a CSV of the runs' end points."""
     from rollingball.landscape.plots import Run, plot_ironed, plot_trajectories, save_png
 
-    fn = get_function(args.function, args.dim)
+    try:
+        fn = get_function(args.function, args.dim)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     if args.domain is not None and (len(args.domain) != 2 or args.domain[0] >= args.domain[1]):
         raise SystemExit(f"--domain needs LO,HI with LO < HI, got {args.domain}")
     lo, hi = args.domain if args.domain else fn.domain

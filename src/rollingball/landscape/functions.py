@@ -120,7 +120,7 @@ class SyntheticFunction:
         return self.fn(theta)
 
 
-def _weierstrass_like(dim: int) -> SyntheticFunction:
+def _weierstrass_like(dim: int) -> SyntheticFunction:  # minimum established numerically
     low = -math.sqrt(3) / 2 * sum(1 / k**2 for k in range(1, 101) if k % 3)
     argmin = torch.full((1, dim), 4 * math.pi / 3, dtype=torch.float64)
     return SyntheticFunction(
