@@ -77,6 +77,7 @@ def test_iron_refuses_one_dimensional_rosenbrock(tmp_path):
 
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_landscape_slice_2d(tmp_path, checkpoint):
+    pytest.importorskip("sklearn")  # digits come with the experiments extra
     from rollingball.experiments.data import load_data
     from rollingball.experiments.models import build_model
 
@@ -104,6 +105,7 @@ def test_landscape_slice_2d(tmp_path, checkpoint):
 
 
 def test_landscape_slice_1d(tmp_path):
+    pytest.importorskip("sklearn")
     from rollingball.experiments.data import load_data
     from rollingball.experiments.models import build_model
 

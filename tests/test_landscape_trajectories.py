@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from pytorch_optimizer import SAM
 
 from rollingball import RBO
 from rollingball.landscape.functions import get_function
@@ -91,9 +90,10 @@ def test_centre_sits_on_the_landscape_rbo_rolls_on():
 
 
 def test_sam_counts_two_closure_calls_per_step():
+    sam = pytest.importorskip("pytorch_optimizer").SAM  # the experiments extra
     fn = get_function("ackley", 2)
     run = trajectory(
-        fn, START, lambda p: SAM(p, torch.optim.SGD, rho=0.05, lr=0.01), 8, grad_before_step=True
+        fn, START, lambda p: sam(p, torch.optim.SGD, rho=0.05, lr=0.01), 8, grad_before_step=True
     )
     assert torch.equal(run.closure_calls, 2 * torch.arange(9))
     assert float(run.loss[-1]) < float(run.loss[0])
