@@ -4,6 +4,8 @@
 ``trajectory`` records any optimizer on a synthetic function; ``loss_slice`` cuts a trained
 model's loss along filter-normalised directions; the sharpness routines measure the Hessian
 and the loss increase in a ball. Figures live in `rollingball.landscape.plots` (matplotlib).
+Importing this package needs only torch and numpy; rich (progress bars), matplotlib and
+Pillow (figures) come with the ``landscape`` extra and are imported where used.
 """
 
 from rollingball.landscape.functions import (
