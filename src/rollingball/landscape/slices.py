@@ -64,6 +64,7 @@ def loss_slice(
     if len(directions) not in (1, 2) or len(directions) != len(coords):
         raise ValueError("give one or two directions and as many coordinate arrays")
     from rich.progress import Progress  # the landscape extra; the rest needs torch and numpy
+
     params = list(params)
     axes = [np.asarray(c, dtype=np.float64).reshape(-1) for c in coords]
     saved = [p.detach().clone() for p in params]
