@@ -92,8 +92,9 @@ def main() -> None:
             start, x, y, lr=lr, radius=radius, projection_tol=1e-13, projection_steps=500
         )
         if not stats["converged"]:
+            residual = stats["residual"]
             print(
-                f"{lr:4.1f} {radius:6.1f}  exact contact point not found (residual {stats['residual']:.1e})"
+                f"{lr:4.1f} {radius:6.1f}  exact contact point not found (residual {residual:.1e})"
             )
             continue
         for memory in (5, 2):
@@ -104,9 +105,9 @@ def main() -> None:
             calls = stats["grad_evals"]
             gd = gd_calls_to_reach(start, x, y, lr, radius, exact, error)
             ratio = f"{gd / calls:6.1f}" if gd else "  >4096 calls"
-            print(
-                f"{lr:4.1f} {radius:6.1f} {memory:2d} {calls:15d} {error:9.1e} {gd or '-':>14} {ratio}"
-            )
+            gd_calls = gd or "-"
+            row = f"{lr:4.1f} {radius:6.1f} {memory:2d} {calls:15d} {error:9.1e}"
+            print(f"{row} {gd_calls:>14} {ratio}")
 
 
 if __name__ == "__main__":
