@@ -59,7 +59,12 @@ def plot_curves(
             x, y, s = _mean_curve(members, x_key, metric)
             scale = 100.0 if metric.endswith("accuracy") else 1.0
             (line,) = ax.plot(
-                x, scale * y, marker="o", markersize=2.5, label=f"{label} (n={len(members)})"
+                x,
+                scale * y,
+                marker="o",
+                markersize=2.5,
+                linestyle="--" if label.startswith("rbo") else "-",  # RBO dashed: tell apart
+                label=f"{label} (n={len(members)})",
             )
             ax.fill_between(x, scale * (y - s), scale * (y + s), color=line.get_color(), alpha=0.15)
         if log_x:
