@@ -209,6 +209,14 @@ def test_bad_configs_are_refused_with_a_clear_message(tmp_path, change, message)
         load_config(path)
 
 
+def test_an_unknown_model_option_is_a_config_error(tmp_path):
+    config = _config()
+    config.model.kwargs["depth"] = 3
+    with pytest.raises(ConfigError, match=r"\[model\] mlp: .*depth"):
+        run(config, tmp_path / "out", data=DIGITS)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_data_dir_writes_nothing(tmp_path):
     config = config_from_dict(
         {

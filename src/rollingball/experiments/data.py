@@ -306,11 +306,3 @@ def _missing_message(name: str, root: Path, download: bool, error: Exception) ->
         f"Point --data-dir (or data_dir in [data], or $ROLLINGBALL_DATA) at a directory that "
         f"holds them, or {how}. torchvision said: {error}"
     )
-
-
-def split_sizes(bundle: DataBundle) -> dict[str, int]:
-    """Number of examples per split, for logs."""
-    sizes = {"train": len(bundle.train), "test": len(bundle.test)}  # type: ignore[arg-type]
-    if bundle.val is not None:
-        sizes["val"] = len(bundle.val)  # type: ignore[arg-type]
-    return sizes

@@ -347,9 +347,12 @@ def run(
         normalize=config.data.normalize,
     )
     torch.manual_seed(config.seed)
-    model = build_model(
-        config.model.name, bundle.input_shape, bundle.num_classes, **config.model.kwargs
-    )
+    try:
+        model = build_model(
+            config.model.name, bundle.input_shape, bundle.num_classes, **config.model.kwargs
+        )
+    except TypeError as error:  # an option the model does not have
+        raise ConfigError(f"[model] {config.model.name}: {error}") from None
     model.to(device)
     if ranks.distributed:
         if config.sync_batchnorm:
