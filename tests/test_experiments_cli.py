@@ -239,3 +239,17 @@ def test_compare_hyperparameter_file(tmp_path, capsys):
     hparams.write_text("[sgd]\nlr = -1\n")
     assert main([*args, "--hparams", str(hparams), "--out", str(tmp_path / "d")]) == 2
     assert "lr must be" in capsys.readouterr().err
+
+
+def test_compare_in_parallel_processes_gives_the_same_numbers(tmp_path):
+    args = ["compare", "--data", "digits", "--epochs", "1", "--seeds", "1"]
+    args += ["--optimizers", "sgd,rbo", "--radii", "0.3"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--jobs", "2", "--out", str(tmp_path / "two")]) == 0
+
+    def rows(name):
+        with open(tmp_path / name / "summary.csv") as handle:
+            keys = ("optimizer", "radius", "test_accuracy", "train_loss", "grad_evals")
+            return [tuple(r[k] for k in keys) for r in csv.DictReader(handle)]
+
+    assert rows("one") == rows("two") and len(rows("one")) == 2
