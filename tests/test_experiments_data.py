@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import math
 import pickle
 import struct
 
@@ -203,3 +204,34 @@ def test_augmentation_crops_and_flips_deterministically():
         for c in range(3):
             values = set(a[i, c].flatten().tolist()) - {0.0}
             assert values <= set(images[i, c].flatten().tolist())
+
+
+def test_a_cifar_run_with_augmentation_batchnorm_and_rbo(tmp_path, monkeypatch):
+    from rollingball.experiments.config import config_from_dict
+    from rollingball.experiments.runner import run
+
+    cls, folder, _ = _cifar_files(tmp_path / "data", hundred=False)
+    monkeypatch.setattr(cls, "train_list", [[n, _md5(folder / n)] for n, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[n, _md5(folder / n)] for n, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": _md5(folder / cls.meta["filename"])})
+    config = config_from_dict(
+        {
+            "data": {
+                "name": "cifar10",
+                "data_dir": str(tmp_path / "data"),
+                "batch_size": 10,
+                "augment": True,
+            },
+            "model": {"name": "resnet8"},
+            "optimizer": {"name": "rbo", "lr": 0.05, "radius": 0.1},
+            "budget": {"epochs": 1},
+        }
+    )
+    result = run(config, tmp_path / "out")
+    row = result.final
+    assert row["step"] == 2 and row["grad_evals"] >= 4  # 20 images, batches of 10
+    assert 0.0 <= row["test_accuracy"] <= 1.0 and math.isfinite(row["train_loss"])
+    # only the first closure call of each step moved the BatchNorm statistics
+    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["model"]
+    tracked = {k: int(v) for k, v in state.items() if k.endswith("num_batches_tracked")}
+    assert tracked and set(tracked.values()) == {2}
