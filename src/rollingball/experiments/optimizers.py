@@ -4,16 +4,12 @@ Every optimizer here is a ``torch.optim.Optimizer`` whose ``step(closure)`` call
 as many times as it needs and returns the loss of the first call, so the runner counts
 gradient evaluations the same way for all of them (:class:`CountingClosure`):
 
-=============  ==========================================  ============================
-name           what                                        closure calls per step
-=============  ==========================================  ============================
-sgd            ``torch.optim.SGD``, no momentum            1
-momentum       ``torch.optim.SGD``, momentum 0.9           1
-adamw          ``torch.optim.AdamW``                       1
-sam            ``pytorch_optimizer.SAM`` over momentum SGD 2
-entropy_sgd    :class:`rollingball.optim.entropy_sgd.EntropySGD`  L (``langevin_steps``)
-rbo            :class:`rollingball.RBO`                    1 + projection iterations
-=============  ==========================================  ============================
+- ``sgd``: ``torch.optim.SGD`` without momentum; 1 closure call per step.
+- ``momentum``: ``torch.optim.SGD`` with momentum 0.9 (``nesterov = true`` for Nesterov); 1.
+- ``adamw``: ``torch.optim.AdamW`` (weight decay 0.01); 1.
+- ``sam``: ``pytorch_optimizer.SAM`` over momentum SGD, rho 0.05; 2.
+- ``entropy_sgd``: :class:`rollingball.optim.entropy_sgd.EntropySGD`; L (``langevin_steps``).
+- ``rbo``: :class:`rollingball.RBO`; 1 + projection iterations.
 """
 
 from __future__ import annotations
