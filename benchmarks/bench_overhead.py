@@ -76,7 +76,14 @@ def main() -> None:
         x,
         y,
     )
-    measure("RBO anderson, K=8", lambda p: RBO(p, lr=0.1, radius=0.5, **fixed), args.steps, x, y)
+    for memory in (5, 3, 2):
+        measure(
+            f"RBO anderson m={memory}, K=8",
+            lambda p, m=memory: RBO(p, lr=0.1, radius=0.5, anderson_memory=m, **fixed),
+            args.steps,
+            x,
+            y,
+        )
     measure(
         "RBO anderson, K=8, momentum 0.9",
         lambda p: RBO(p, lr=0.1, radius=0.5, momentum=0.9, **fixed),

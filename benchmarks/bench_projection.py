@@ -97,7 +97,7 @@ def main() -> None:
                 f"{lr:4.1f} {radius:6.1f}  exact contact point not found (residual {residual:.1e})"
             )
             continue
-        for memory in (5, 2):
+        for memory in (5, 3, 2):
             point, stats = one_step(
                 start, x, y, lr=lr, radius=radius, anderson_memory=memory, projection_steps=500
             )

@@ -274,7 +274,8 @@ def test_reseated_ball_touches_the_graph(name, radius):
         point = x.detach().clone().requires_grad_(True)
         (g,) = torch.autograd.grad(f(point).sum(), point)
         s = math.sqrt(1 + float(g) ** 2)
-        cx, cy = float(point) - radius * float(g) / s, float(f(point).sum()) + radius / s
+        x0, height = point.item(), f(point).sum().item()
+        cx, cy = x0 - radius * float(g) / s, height + radius / s
         grid = np.linspace(cx - 3 * radius, cx + 3 * radius, 2_000_001)
         gaps = np.hypot(grid - cx, f(torch.from_numpy(grid)).numpy() - cy)
         assert abs(gaps.min() - radius) < 1e-7

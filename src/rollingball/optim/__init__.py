@@ -1,5 +1,14 @@
-"""Optimizers: RBO and the baselines the project implements itself."""
+"""Optimizers: RBO, the baselines the project implements itself, and closure helpers."""
 
+from rollingball.optim.accumulation import micro_batch_closure, split_batch
+from rollingball.optim.batchnorm import first_call_updates_batchnorm
+from rollingball.optim.entropy_sgd import EntropySGD
 from rollingball.optim.rbo import RBO
 
-__all__ = ["RBO"]
+__all__ = [
+    "RBO",
+    "EntropySGD",
+    "first_call_updates_batchnorm",
+    "micro_batch_closure",
+    "split_batch",
+]

@@ -228,7 +228,8 @@ class RBO(Optimizer):
         weight_decay: λ, part of the landscape: f + λ/2 ‖θ‖² (per group).
         loss_scale: κ, scale of the vertical axis: the landscape is κ f.
         maximize: roll on −f.
-        anderson_memory: m, the differences the Anderson solver keeps (2m + 1 buffers).
+        anderson_memory: m, the differences the Anderson solver keeps; a step holds 2m + 5
+            parameter-sized buffers at its peak (gd: 2).
         on_nonfinite: "raise" (FloatingPointError) or "skip" the step; either way the
             parameters are left bit-for-bit as they were before the step.
         process_group: under torch.distributed, the group over which the closure's loss is
