@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,11 +135,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
             TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
         ]
-        with Progress(*columns, console=console, disable=args.no_progress) as progress:
+        main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports
+        quiet = args.no_progress or not main_rank
+        with Progress(*columns, console=console, disable=quiet) as progress:
             result = run(config, args.out, resume=args.resume, progress_bar=progress)
     except (ConfigError, DataNotFoundError, FileExistsError, ValueError) as error:
         print(f"rollingball run: error: {error}", file=sys.stderr)
         return 2
+    if not main_rank:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         console.print(
             "interrupted; saved. Continue with: "
