@@ -293,7 +293,7 @@ def authors_update(
         point = point.detach().requires_grad_(True)
         value = loss_fn(point)
         (grad,) = torch.autograd.grad(value, point)
-        return float(value), grad
+        return value.item(), grad
 
     value, g = value_and_grad(theta)
     s = torch.sqrt(1 + g @ g)
