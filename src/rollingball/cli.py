@@ -11,6 +11,16 @@ import sys
 COMMAND_MODULES = ("rollingball.landscape.cli", "rollingball.experiments.cli")
 
 
+def comma_separated_floats(text: str) -> list[float]:
+    """argparse type for "0.01,0.1,1"."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rollingball", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)

@@ -8,16 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rollingball.cli import comma_separated_floats
+
 __all__ = ["add_parser"]
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
 
 
 def _names(text: str) -> list[str]:
@@ -64,7 +57,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="mnist1d", help="dataset (default: mnist1d)")
     p.add_argument("--model", default="mlp", help="model (default: mlp)")
     p.add_argument("--optimizers", type=_names, help="comma-separated (default: all six)")
-    p.add_argument("--radii", type=_floats, help="RBO radii, comma-separated (default: 0.1,0.3,1)")
+    p.add_argument(
+        "--radii",
+        type=comma_separated_floats,
+        help="RBO radii, comma-separated (default: 0.1,0.3,1)",
+    )
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--data-dir", help="directory with the dataset files")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
@@ -81,9 +78,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", help="a run configuration (TOML); --radius needs optimizer rbo")
     p.add_argument(
-        "--radius", type=_floats, help="RBO radii, e.g. 0.1,1,5 (default: as configured)"
+        "--radius",
+        type=comma_separated_floats,
+        help="RBO radii, e.g. 0.1,1,5 (default: as configured)",
     )
-    p.add_argument("--lr", type=_floats, required=True, help="learning rates, e.g. 0.01,0.1,1")
+    p.add_argument(
+        "--lr", type=comma_separated_floats, required=True, help="learning rates, e.g. 0.01,0.1,1"
+    )
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--out", default="runs/sweep", help="output directory (default: runs/sweep)")
     p.set_defaults(func=_cmd_sweep)

@@ -44,7 +44,7 @@ from typing import Any
 import tomllib
 
 from rollingball.experiments.atomic import atomic_write_text
-from rollingball.experiments.data import DATASETS
+from rollingball.experiments.data import DATASETS, DataBundle, load_data
 from rollingball.experiments.models import MODELS
 from rollingball.experiments.optimizers import OPTIMIZERS, validate_hyperparameters
 
@@ -80,6 +80,18 @@ class DataConfig:
     val_fraction: float = 0.0
     augment: bool = False
     normalize: bool = True
+
+    def load(self, seed: int) -> DataBundle:
+        """The data set this section names, split and shuffled with `seed`."""
+        return load_data(
+            self.name,
+            self.data_dir,
+            download=self.download,
+            val_fraction=self.val_fraction,
+            seed=seed,
+            augment=self.augment,
+            normalize=self.normalize,
+        )
 
 
 @dataclass

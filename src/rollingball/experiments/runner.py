@@ -44,7 +44,7 @@ from rollingball.experiments.config import (
     lr_factor,
     save_config,
 )
-from rollingball.experiments.data import DataBundle, load_data, make_loader, num_batches
+from rollingball.experiments.data import DataBundle, make_loader, num_batches
 from rollingball.experiments.distributed import init_from_env
 from rollingball.experiments.models import build_model
 from rollingball.experiments.optimizers import CountingClosure, build_optimizer
@@ -337,15 +337,7 @@ def run(
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     # everything that can fail on bad input happens before the first file is written
-    bundle = data or load_data(
-        config.data.name,
-        config.data.data_dir,
-        download=config.data.download,
-        val_fraction=config.data.val_fraction,
-        seed=config.seed,
-        augment=config.data.augment,
-        normalize=config.data.normalize,
-    )
+    bundle = data or config.data.load(config.seed)
     torch.manual_seed(config.seed)
     try:
         model = build_model(

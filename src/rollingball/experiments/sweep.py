@@ -20,7 +20,6 @@ import numpy as np
 
 from rollingball.experiments.atomic import atomic_write_text
 from rollingball.experiments.config import ConfigError, RunConfig
-from rollingball.experiments.data import load_data
 from rollingball.experiments.plots import plot_heatmap
 from rollingball.experiments.runner import run
 
@@ -65,15 +64,7 @@ def sweep(
         raise ConfigError(f"seeds must be >= 1, got {seeds}")
     config.validate()
     out = Path(out)
-    bundle = load_data(
-        config.data.name,
-        config.data.data_dir,
-        download=config.data.download,
-        val_fraction=config.data.val_fraction,
-        seed=config.seed,
-        augment=config.data.augment,
-        normalize=config.data.normalize,
-    )
+    bundle = config.data.load(config.seed)
     axis: list[float | None] = list(radii) if radii else [None]
     rows: list[dict[str, Any]] = []
     grid = np.full((len(axis), len(lrs)), np.nan)

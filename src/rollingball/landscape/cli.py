@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rollingball.cli import comma_separated_floats
 from rollingball.landscape.functions import FUNCTIONS, get_function
 from rollingball.landscape.ironing import iron, unreachable_from_ironed
 from rollingball.landscape.trajectories import trajectory
@@ -23,17 +24,8 @@ from rollingball.optim.rbo import RBO
 __all__ = ["add_parser"]
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-
-
 def _positive_radii(text: str) -> list[float]:
-    radii = _floats(text)
+    radii = comma_separated_floats(text)
     if not radii or any(r <= 0 for r in radii):
         raise argparse.ArgumentTypeError(f"radii must be positive, got {text!r}")
     return radii
@@ -50,7 +42,7 @@ def add_parser(subparsers: Any) -> None:
     iron_parser.add_argument("--dim", type=int, choices=(1, 2), default=1)
     iron_parser.add_argument("--radii", type=_positive_radii, default=[0.01, 0.1, 1.0])
     iron_parser.add_argument(
-        "--start", type=_floats, action="append",
+        "--start", type=comma_separated_floats, action="append",
         help="start point, comma-separated (one value is used for every coordinate); repeat "
         "for several starts. Default: the function's own start.",
     )  # fmt: skip
@@ -63,7 +55,9 @@ def add_parser(subparsers: Any) -> None:
         "--projection-tol", type=float, default=1e-4,
         help="0 runs every projection step (the authors' scheme with --projection gd)",
     )  # fmt: skip
-    iron_parser.add_argument("--domain", type=_floats, help="lo,hi of every coordinate")
+    iron_parser.add_argument(
+        "--domain", type=comma_separated_floats, help="lo,hi of every coordinate"
+    )
     iron_parser.add_argument("--points", type=int, help="grid points per axis (1-D 4001, 2-D 201)")
     iron_parser.add_argument("--out", type=Path, default=Path("out/iron"))
     iron_parser.set_defaults(func=run_iron)
@@ -78,7 +72,9 @@ def add_parser(subparsers: Any) -> None:
         help="a state_dict file, or a training checkpoint holding it under 'model'",
     )  # fmt: skip
     slice_parser.add_argument("--model", default="mlp", help="model name (experiments registry)")
-    slice_parser.add_argument("--hidden", type=_floats, help="hidden widths of an mlp, e.g. 64,64")
+    slice_parser.add_argument(
+        "--hidden", type=comma_separated_floats, help="hidden widths of an mlp, e.g. 64,64"
+    )
     slice_parser.add_argument("--data", default="digits", help="data set name")
     slice_parser.add_argument("--data-dir", type=Path)
     slice_parser.add_argument("--split", choices=("train", "test"), default="train")
