@@ -3,6 +3,7 @@ authors' update re-implemented here, and known minimisers."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -62,6 +63,33 @@ def test_radius_zero_is_exactly_sgd(options):
     assert calls[0] == 20 and rbo.grad_evals == 20
     for p, q in zip(reference.parameters(), model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+class WithUnusedBranch(nn.Module):
+    """A model whose second head takes no part in the loss: its parameters get no gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.unused = small_mlp(), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("options", [{"momentum": 0.9}, {"weight_decay": 0.1}])
+def test_radius_zero_leaves_parameters_without_gradients_alone_like_sgd(options):
+    x, y = batch()
+    torch.manual_seed(3)
+    reference = WithUnusedBranch()
+    model = copy.deepcopy(reference)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1, **options)
+    rbo = RBO(model.parameters(), lr=0.1, radius=0.0, **options)
+    for _ in range(5):
+        sgd.step(make_closure(reference, sgd, x, y))
+        rbo.step(make_closure(model, rbo, x, y))
+    for p, q in zip(reference.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert all(p.grad is None for p in model.unused.parameters())
 
 
 def affine_problem(dim: int, seed: int):

@@ -124,6 +124,8 @@ class _Landscape:
         self.calls += 1
         if loss is None:
             raise RuntimeError("the closure must return the loss")
+        if self.calls == 1:  # as in torch.optim, a parameter with no gradient at θ sits out
+            self.params = [[p for p in params if p.grad is not None] for params in self.params]
         value = self._reduced(loss)
         grads = [[self._grad(p) for p in params] for params in self.params]
         if not math.isfinite(value):
@@ -341,12 +343,13 @@ class RBO(Optimizer):
         loss: Any = None
         try:
             loss, value, grads = landscape.evaluate()
+            active = landscape.params
             grad_sq = squared_norm(_flat(grads))
             if not math.isfinite(grad_sq):
                 raise _NonFinite(f"non-finite gradient at closure call {landscape.calls}")
-            directions = self._tangent_directions(params, grads)
+            directions = self._tangent_directions(active, grads)
             if settings["radius"] == 0:
-                for group, group_params, v in zip(groups, params, directions, strict=True):
+                for group, group_params, v in zip(groups, active, directions, strict=True):
                     torch._foreach_add_(group_params, v, alpha=-group["lr"])
                 stats = {
                     "projection_steps": 0,
@@ -355,7 +358,7 @@ class RBO(Optimizer):
                     "converged": True,
                 }
             else:
-                stats = self._roll(landscape, settings, params, grads, directions, value, grad_sq)
+                stats = self._roll(landscape, settings, active, grads, directions, value, grad_sq)
         except _NonFinite as error:
             if snapshot is not None:
                 copy_(_flat(params), snapshot)
@@ -364,7 +367,7 @@ class RBO(Optimizer):
             if snapshot is not None:
                 copy_(_flat(params), snapshot)
             raise
-        self._commit_momentum(groups, params, directions)
+        self._commit_momentum(groups, active, directions)
         counters = self._counters
         counters["steps"] += 1
         counters["grad_evals"] += landscape.calls
