@@ -208,10 +208,12 @@ class _Projection:
             raise _NonFinite(f"non-finite gradient at closure call {self.landscape.calls}")
         if direction is None:
             return grad, norm, math.nan  # plain iterations need no φ
-        offset_sq = squared_norm(self.offset)
+        phi = 0.5 * (squared_norm(self.offset) + mismatch**2)
+        # round-off of φ: relative eps on φ itself, and on the terms the mismatch is made of
         eps = torch.finfo(self.params[0].dtype).eps
-        self.phi_noise = 4 * eps * (abs(mismatch) * (abs(value) + abs(self.start_loss)) + offset_sq)
-        return direction, norm, 0.5 * (offset_sq + mismatch**2)
+        heights = abs(value) + abs(self.start_loss) + abs(self.lift)
+        self.phi_noise = 4 * eps * (phi + abs(mismatch) * heights)
+        return direction, norm, phi
 
 
 class RBO(Optimizer):
