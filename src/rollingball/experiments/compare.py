@@ -64,7 +64,7 @@ COMPARE_HPARAMS: dict[str, dict[str, Any]] = {
 
 
 # RBO's learning rate per radius for the compare task; other radii use COMPARE_HPARAMS["rbo"]
-RBO_LR_BY_RADIUS: dict[float, float] = {0.1: 2.0, 0.3: 2.0, 1.0: 1.0}
+RBO_LR_BY_RADIUS: dict[float, float] = {0.1: 2.0, 0.3: 2.0, 1.0: 2.0}
 
 
 @dataclass
