@@ -106,6 +106,15 @@ def _console() -> Any:
     return Console(width=None if sys.stdout.isatty() else 140)
 
 
+def _leave_process_group() -> None:
+    """Under torchrun the run joined a process group; destroy it before the process exits
+    (a gloo group left alive can abort the interpreter at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     """Train one configuration; writes config.toml, metrics.jsonl and checkpoint.pt in --out."""
     from rich.progress import (
@@ -143,6 +152,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (ConfigError, DataNotFoundError, FileExistsError, ValueError) as error:
         print(f"rollingball run: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
     if not main_rank:
         return 130 if result.interrupted else 0
     if result.interrupted:
