@@ -117,6 +117,15 @@ def _leave_process_group() -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     """Train one configuration; writes config.toml, metrics.jsonl and checkpoint.pt in --out."""
+    code = _train_one(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun process: see exit_now
+        from rollingball.experiments.distributed import exit_now
+
+        exit_now(code)
+    return code
+
+
+def _train_one(args: argparse.Namespace) -> int:
     from rich.progress import (
         BarColumn,
         Progress,
