@@ -361,13 +361,11 @@ class RBO(Optimizer):
                 }
             else:
                 stats = self._roll(landscape, settings, active, grads, directions, value, grad_sq)
-        except _NonFinite as error:
+        except BaseException as error:  # a bad value, a bad closure, Ctrl-C: nothing is lost
             if snapshot is not None:
                 copy_(_flat(params), snapshot)
-            return self._skip_or_raise(error, settings["on_nonfinite"], landscape.calls, loss)
-        except BaseException:
-            if snapshot is not None:
-                copy_(_flat(params), snapshot)
+            if isinstance(error, _NonFinite):
+                return self._skip_or_raise(error, settings["on_nonfinite"], landscape.calls, loss)
             raise
         self._commit_momentum(groups, active, directions)
         counters = self._counters
@@ -377,7 +375,7 @@ class RBO(Optimizer):
             **stats,
             "grad_evals": landscape.calls,
             "skipped": False,
-            "loss": float(loss),
+            "loss": _as_float(loss),
         }
         return loss
 
