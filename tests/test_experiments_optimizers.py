@@ -32,7 +32,7 @@ def _closure(model, opt, x, y):
     return closure
 
 
-EXPECTED_CALLS = {"sgd": 1, "momentum": 1, "adamw": 1, "sam": 2, "entropy_sgd": 7}
+EXPECTED_CALLS = {"sgd": 1, "momentum": 1, "adamw": 1, "sam": 2, "usam": 2, "entropy_sgd": 7}
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))

@@ -8,6 +8,7 @@ gradient evaluations the same way for all of them (:class:`CountingClosure`):
 - ``momentum``: ``torch.optim.SGD`` with momentum 0.9 (``nesterov = true`` for Nesterov); 1.
 - ``adamw``: ``torch.optim.AdamW`` (weight decay 0.01); 1.
 - ``sam``: ``pytorch_optimizer.SAM`` over momentum SGD, rho 0.05; 2.
+- ``usam``: :class:`rollingball.optim.usam.USAM`, θ ← θ − lr ∇f(θ + rho ∇f(θ)); 2.
 - ``entropy_sgd``: :class:`rollingball.optim.entropy_sgd.EntropySGD`; L (``langevin_steps``).
 - ``rbo``: :class:`rollingball.RBO`; 1 + projection iterations.
 """
@@ -91,6 +92,12 @@ def _sam(params: Iterable[Any], **kw: Any) -> Optimizer:
     return closure_sam_class()(params, torch.optim.SGD, **kw)
 
 
+def _usam(params: Iterable[Any], **kw: Any) -> Optimizer:
+    from rollingball.optim.usam import USAM
+
+    return USAM(params, **kw)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sgd": OptimizerSpec(_sgd, {"lr": 0.1, "weight_decay": 0.0}, "plain SGD (momentum 0)"),
     "momentum": OptimizerSpec(
@@ -107,6 +114,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         _sam,
         {"lr": 0.05, "rho": 0.05, "momentum": 0.9, "weight_decay": 0.0, "adaptive": False},
         "pytorch_optimizer.SAM over SGD with momentum 0.9, rho = 0.05",
+    ),
+    "usam": OptimizerSpec(
+        _usam,
+        {"lr": 0.1, "rho": 0.05, "momentum": 0.0, "weight_decay": 0.0},
+        "unnormalized SAM: lr ∇f(θ + rho ∇f(θ)), heavy ball as torch SGD",
     ),
     "entropy_sgd": OptimizerSpec(
         _entropy_sgd,
