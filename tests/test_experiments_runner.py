@@ -8,6 +8,7 @@ import signal
 import pytest
 import torch
 
+from rollingball.cli import main
 from rollingball.experiments import atomic
 from rollingball.experiments.config import (
     ConfigError,
@@ -17,7 +18,14 @@ from rollingball.experiments.config import (
     lr_factor,
 )
 from rollingball.experiments.data import DataNotFoundError, load_data
-from rollingball.experiments.runner import read_metrics, run
+from rollingball.experiments.optimizers import OPTIMIZERS
+from rollingball.experiments.runner import (
+    CHECKPOINT,
+    CheckpointError,
+    load_checkpoint,
+    read_metrics,
+    run,
+)
 
 DIGITS = load_data("digits")  # 1437 train examples: 15 batches of 100 per epoch
 
@@ -251,3 +259,33 @@ def test_threads_setting(monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     run(_config(epochs=1, threads=1), None, data=DIGITS)
     assert calls == [1]
+
+
+class Payload:
+    """An arbitrary object: unpickling it could run code."""
+
+
+def test_a_checkpoint_holding_an_arbitrary_object_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(_config(epochs=1), out, data=DIGITS)
+    payload = torch.load(out / CHECKPOINT, weights_only=True)
+    payload["extra"] = Payload()
+    torch.save(payload, out / CHECKPOINT)
+    with pytest.raises(CheckpointError, match="objects other than tensors and plain Python"):
+        run(_config(epochs=1), out, resume=True, data=DIGITS)
+    with pytest.raises(CheckpointError, match="refusing to load it"):
+        load_checkpoint(out / CHECKPOINT)
+    command = ["run", str(out / "config.toml"), "--out", str(out), "--resume", "--no-progress"]
+    assert main(command) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("rollingball run: error: ") and error.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_optimizers_checkpoint_holds_only_tensors_and_plain_values(tmp_path, name):
+    config = _config({"name": name}, budget={"grad_evals": 20})
+    out = tmp_path / name
+    run(config, out, data=DIGITS)
+    payload = torch.load(out / CHECKPOINT, weights_only=True)
+    assert set(payload) == {"model", "optimizer", "rng_cpu", "rng_cuda", "progress"}
+    assert payload["progress"]["finished"] and payload["progress"]["grad_evals"] >= 20

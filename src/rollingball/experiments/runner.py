@@ -7,7 +7,8 @@
   gradient-evaluation budget), rewritten atomically;
 - ``checkpoint.pt``: everything needed to continue bit-for-bit (model, optimizer, RNG,
   position inside the epoch, accumulators, metrics so far), written atomically after
-  every epoch, on Ctrl-C and at the end.
+  every epoch, on Ctrl-C and at the end. It holds tensors and plain Python values only and
+  is loaded with ``weights_only=True``, so a checkpoint from elsewhere cannot run code.
 
 Every optimizer's ``step`` gets the same closure wrapped in a :class:`CountingClosure`, so
 ``grad_evals`` counts forward+backward passes identically for all. Under
@@ -22,6 +23,7 @@ import io
 import json
 import math
 import os
+import pickle
 import signal
 import threading
 import time
@@ -50,7 +52,17 @@ from rollingball.experiments.models import build_model
 from rollingball.experiments.optimizers import CountingClosure, build_optimizer
 from rollingball.optim.batchnorm import first_call_updates_batchnorm
 
-__all__ = ["RunResult", "StepResult", "evaluate", "read_metrics", "run", "run_file", "train_step"]
+__all__ = [
+    "CheckpointError",
+    "RunResult",
+    "StepResult",
+    "evaluate",
+    "load_checkpoint",
+    "read_metrics",
+    "run",
+    "run_file",
+    "train_step",
+]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -248,7 +260,30 @@ def _graceful_sigint(flag: _StopFlag) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-# --------------------------------------------------------------------------- the run
+# --------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class _Session:
+    """What one run works on: built by :func:`_set_up`, advanced step by step in ``state``."""
+
+    config: RunConfig
+    out: Path | None
+    ranks: Ranks
+    device: torch.device
+    bundle: DataBundle
+    model: nn.Module
+    optimizer: Optimizer
+    base_lrs: list[float]
+    steps_per_epoch: int
+    state: Progress = field(default_factory=Progress)
+
+    def exhausted(self) -> bool:
+        """True once the budget (epochs or closure calls) is spent."""
+        budget = self.config.budget
+        if budget.grad_evals is not None:
+            return self.state.grad_evals >= budget.grad_evals
+        return self.state.epoch >= (budget.epochs or 0)
 
 
 def _device(name: str, ranks: Ranks) -> torch.device:
@@ -266,23 +301,114 @@ def _device(name: str, ranks: Ranks) -> torch.device:
     return device
 
 
-def _save_checkpoint(
-    path: Path, model: nn.Module, optimizer: Optimizer, progress: Progress
-) -> None:
-    payload = {
-        "model": _unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-        "progress": asdict(progress),
-    }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+def _check_out_dir(config: RunConfig, out: Path | None, resume: bool) -> None:
+    """Refuse to overwrite a run, or to resume one saved with another configuration."""
+    if out is not None and not resume and (out / METRICS).exists():
+        raise FileExistsError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    if resume and out is not None and (out / CONFIG).exists():
+        saved = config_to_dict(load_config(out / CONFIG))
+        if saved != config_to_dict(config):
+            raise ConfigError(
+                f"--resume: the configuration differs from the one saved in {out / CONFIG}"
+            )
+
+
+def _set_up(config: RunConfig, out: Path | None, data: DataBundle | None) -> _Session:
+    """Device, threads, data, model (DDP-wrapped under torchrun) and optimizer; no files."""
+    ranks = Ranks()
+    device = _device(config.device, ranks)
+    if config.sync_batchnorm and ranks.distributed and device.type == "cpu":
+        raise ConfigError(
+            "sync_batchnorm: PyTorch's SyncBatchNorm runs on GPUs only; on CPU leave it off "
+            "(DDP then uses rank 0's BatchNorm statistics)"
+        )
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    bundle = data or config.data.load(config.seed)
+    torch.manual_seed(config.seed)
+    try:
+        model = build_model(
+            config.model.name, bundle.input_shape, bundle.num_classes, **config.model.kwargs
+        )
+    except TypeError as error:  # an option the model does not have
+        raise ConfigError(f"[model] {config.model.name}: {error}") from None
+    model.to(device)
+    if ranks.distributed:
+        if config.sync_batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(model)
+    optimizer = build_optimizer(
+        config.optimizer.name, model.parameters(), **config.optimizer.hparams
+    )
+    return _Session(
+        config=config,
+        out=out,
+        ranks=ranks,
+        device=device,
+        bundle=bundle,
+        model=model,
+        optimizer=optimizer,
+        base_lrs=[group["lr"] for group in optimizer.param_groups],
+        steps_per_epoch=num_batches(bundle.train, config.data.batch_size),
+    )
+
+
+# --------------------------------------------------------------------------- save and restore
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that holds more than tensors and plain Python values."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _save(session: _Session) -> None:
+    """Write metrics.jsonl and checkpoint.pt atomically (rank 0 only; nothing in memory mode)."""
+    if session.out is None or not session.ranks.is_main:
+        return
+    _write_metrics(session.out / METRICS, session.state.metrics)
+    payload = {  # tensors and plain Python values only: loadable with weights_only=True
+        "model": _unwrap(session.model).state_dict(),
+        "optimizer": session.optimizer.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "progress": asdict(session.state),
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write(session.out / CHECKPOINT, lambda handle: handle.write(buffer.getvalue()))
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint's contents, loaded with ``weights_only=True``: no code in it can run."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain Python values; refusing to "
+            "load it (a checkpoint written by rollingball holds only those)"
+        ) from None
+
+
+def _restore(session: _Session, resume: bool) -> None:
+    """Continue from out/checkpoint.pt if asked and present; otherwise write config.toml."""
+    out = session.out
+    if out is None:
+        return
+    if resume and (out / CHECKPOINT).exists():
+        payload = load_checkpoint(out / CHECKPOINT, session.device)
+        _unwrap(session.model).load_state_dict(payload["model"])
+        session.optimizer.load_state_dict(payload["optimizer"])
+        torch.set_rng_state(payload["rng_cpu"])
+        if payload["rng_cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng_cuda"])
+        session.state = Progress(**payload["progress"])
+    elif session.ranks.is_main:
+        save_config(session.config, out / CONFIG)
 
 
 def _write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
@@ -295,6 +421,149 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if path.is_dir():
         path = path / METRICS
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+class _Bar:
+    """The run's line in a ``rich.progress.Progress`` (no-op without one)."""
+
+    def __init__(self, progress_bar: Any, session: _Session) -> None:
+        self.bar = progress_bar
+        if progress_bar is None:
+            return
+        budget = session.config.budget
+        total = (
+            budget.grad_evals
+            if budget.grad_evals is not None
+            else (budget.epochs or 0) * session.steps_per_epoch
+        )
+        self.task = progress_bar.add_task(
+            session.config.optimizer.name,
+            total=total,
+            completed=_done(session.state, budget),
+            info="",
+        )
+
+    def update(self, session: _Session, loss: float) -> None:
+        if self.bar is not None:
+            info = _progress_info(session.state, loss)
+            done = _done(session.state, session.config.budget)
+            self.bar.update(self.task, completed=done, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.remove_task(self.task)
+
+
+def _step(session: _Session, inputs: Tensor, targets: Tensor) -> StepResult:
+    """Set the scheduled learning rate, take one optimizer step, add it to the running sums."""
+    state, config = session.state, session.config
+    fraction, step_fraction = _budget_fraction(state, config.budget, session.steps_per_epoch)
+    factor = lr_factor(config.schedule, fraction, step_fraction)
+    for group, base in zip(session.optimizer.param_groups, session.base_lrs, strict=True):
+        group["lr"] = base * factor
+    result = train_step(
+        session.model,
+        session.optimizer,
+        inputs.to(session.device, non_blocking=True),
+        targets.to(session.device, non_blocking=True),
+        nn.functional.cross_entropy,
+        config.optimizer.bn_first_call_only,
+    )
+    state.add(result)
+    if not math.isfinite(result.loss):
+        state.diverged = True
+    return result
+
+
+def _train_epoch(
+    session: _Session,
+    stop: _StopFlag,
+    bar: _Bar,
+    on_step: Callable[[Progress], None] | None,
+) -> None:
+    """Steps from the current batch until the epoch ends, the budget is spent, a stop is
+    asked for (on any rank) or the loss diverges; adds the time to ``wall_seconds``."""
+    state, config = session.state, session.config
+    loader = make_loader(
+        session.bundle.train,
+        config.data.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        epoch=state.epoch,
+        start_batch=state.batch,
+    )
+    tick = time.perf_counter()
+    for inputs, targets in loader:
+        if session.exhausted():
+            break
+        result = _step(session, inputs, targets)
+        bar.update(session, result.loss)
+        if on_step is not None:
+            on_step(state)
+        if session.ranks.any(stop.requested, session.device):
+            stop.requested = True
+        if stop.requested or state.diverged:
+            break
+    state.wall_seconds += time.perf_counter() - tick
+
+
+# --------------------------------------------------------------------------- evaluation and metrics
+
+
+def _epoch_metrics(session: _Session, partial: bool) -> dict[str, Any]:
+    """The metrics row of the epoch just trained: its sums over ranks and the evaluations."""
+    state, config, ranks, device = session.state, session.config, session.ranks, session.device
+    test_loss, test_acc = evaluate(
+        session.model, session.bundle.test, config.data.eval_batch_size, device, ranks
+    )
+    sums = [state.loss_sum, state.correct, state.count, state.proj_steps]
+    sums += [state.proj_converged, state.proj_residual, state.proj_count]
+    loss_sum, correct, count, p_steps, p_conv, p_res, p_count = ranks.sum(sums, device)
+    row: dict[str, Any] = {
+        "epoch": state.epoch + 1,
+        "epochs": round(state.epoch + state.batch / session.steps_per_epoch, 6),
+        "step": state.step,
+        "train_loss": loss_sum / count if count else float("nan"),
+        "train_accuracy": correct / count if count else float("nan"),
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+    }
+    if session.bundle.val is not None:
+        row["val_loss"], row["val_accuracy"] = evaluate(
+            session.model, session.bundle.val, config.data.eval_batch_size, device, ranks
+        )
+    row["grad_evals"] = state.grad_evals
+    row["wall_seconds"] = state.wall_seconds  # the evaluation's time is added by _close_epoch
+    row["lr"] = session.optimizer.param_groups[0]["lr"]
+    if p_count:
+        row["proj_steps_mean"] = p_steps / p_count
+        row["proj_converged_frac"] = p_conv / p_count
+        row["proj_residual_mean"] = p_res / p_count
+    if partial:
+        row["partial_epoch"] = True
+    if state.diverged:
+        row["diverged"] = True
+    return row
+
+
+def _close_epoch(session: _Session) -> None:
+    """Evaluate, append the epoch's metrics row (evaluation time included), start the next
+    epoch; the run is finished once the budget is spent or the loss diverged."""
+    state = session.state
+    tick = time.perf_counter()
+    row = _epoch_metrics(session, partial=0 < state.batch < session.steps_per_epoch)
+    state.metrics.append(row)
+    state.epoch += 1
+    state.start_epoch()
+    state.wall_seconds += time.perf_counter() - tick
+    row["wall_seconds"] = state.wall_seconds
+    state.finished = session.exhausted() or state.diverged
+
+
+# --------------------------------------------------------------------------- the run
 
 
 def run(
@@ -314,196 +583,32 @@ def run(
     """
     config.validate()
     init_from_env()  # under torchrun: join the process group (no-op otherwise)
-    ranks = Ranks()
     out = Path(out_dir) if out_dir is not None else None
-    checkpoint = out / CHECKPOINT if out is not None else None
-    if out is not None and not resume and (out / METRICS).exists():
-        raise FileExistsError(
-            f"{out} already holds a run; pass --resume to continue it or choose another --out"
-        )
-    if resume and out is not None and (out / CONFIG).exists():
-        saved = config_to_dict(load_config(out / CONFIG))
-        if saved != config_to_dict(config):
-            raise ConfigError(
-                f"--resume: the configuration differs from the one saved in {out / CONFIG}"
-            )
-
-    device = _device(config.device, ranks)
-    if config.sync_batchnorm and ranks.distributed and device.type == "cpu":
-        raise ConfigError(
-            "sync_batchnorm: PyTorch's SyncBatchNorm runs on GPUs only; on CPU leave it off "
-            "(DDP then uses rank 0's BatchNorm statistics)"
-        )
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    _check_out_dir(config, out, resume)
     # everything that can fail on bad input happens before the first file is written
-    bundle = data or config.data.load(config.seed)
-    torch.manual_seed(config.seed)
-    try:
-        model = build_model(
-            config.model.name, bundle.input_shape, bundle.num_classes, **config.model.kwargs
-        )
-    except TypeError as error:  # an option the model does not have
-        raise ConfigError(f"[model] {config.model.name}: {error}") from None
-    model.to(device)
-    if ranks.distributed:
-        if config.sync_batchnorm:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = nn.parallel.DistributedDataParallel(model)
-    optimizer = build_optimizer(
-        config.optimizer.name, model.parameters(), **config.optimizer.hparams
-    )
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-
-    state = Progress()
-    if resume and checkpoint is not None and checkpoint.exists():
-        payload = torch.load(checkpoint, map_location=device, weights_only=False)
-        _unwrap(model).load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        torch.set_rng_state(payload["rng_cpu"])
-        if payload["rng_cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["rng_cuda"])
-        state = Progress(**payload["progress"])
-    elif out is not None and ranks.is_main:
-        save_config(config, out / CONFIG)
+    session = _set_up(config, out, data)
+    _restore(session, resume)
+    state = session.state
     if state.finished:
         return RunResult(out, state.metrics, diverged=state.diverged)
-
-    steps_per_epoch = num_batches(bundle.train, config.data.batch_size)
-    budget = config.budget
-    flag = _StopFlag()
-    task = None
-    if progress_bar is not None:
-        total = (
-            budget.grad_evals
-            if budget.grad_evals is not None
-            else (budget.epochs or 0) * steps_per_epoch
-        )
-        task = progress_bar.add_task(
-            f"{config.optimizer.name}", total=total, completed=_done(state, budget), info=""
-        )
-
-    def save() -> None:
-        if out is not None and ranks.is_main:
-            assert checkpoint is not None
-            _write_metrics(out / METRICS, state.metrics)
-            _save_checkpoint(checkpoint, model, optimizer, state)
-
-    def close_epoch(partial: bool) -> None:
-        test_loss, test_acc = evaluate(
-            model, bundle.test, config.data.eval_batch_size, device, ranks
-        )
-        sums = ranks.sum(
-            [
-                state.loss_sum,
-                state.correct,
-                state.count,
-                state.proj_steps,
-                state.proj_converged,
-                state.proj_residual,
-                state.proj_count,
-            ],
-            device,
-        )
-        loss_sum, correct, count, p_steps, p_conv, p_res, p_count = sums
-        row: dict[str, Any] = {
-            "epoch": state.epoch + 1,
-            "epochs": round(state.epoch + state.batch / steps_per_epoch, 6),
-            "step": state.step,
-            "train_loss": loss_sum / count if count else float("nan"),
-            "train_accuracy": correct / count if count else float("nan"),
-            "test_loss": test_loss,
-            "test_accuracy": test_acc,
-        }
-        if bundle.val is not None:
-            row["val_loss"], row["val_accuracy"] = evaluate(
-                model, bundle.val, config.data.eval_batch_size, device, ranks
-            )
-        row["grad_evals"] = state.grad_evals
-        row["wall_seconds"] = state.wall_seconds
-        row["lr"] = optimizer.param_groups[0]["lr"]
-        if p_count:
-            row["proj_steps_mean"] = p_steps / p_count
-            row["proj_converged_frac"] = p_conv / p_count
-            row["proj_residual_mean"] = p_res / p_count
-        if partial:
-            row["partial_epoch"] = True
-        if state.diverged:
-            row["diverged"] = True
-        state.metrics.append(row)
-        state.epoch += 1
-        state.start_epoch()
-
-    def exhausted() -> bool:
-        if budget.grad_evals is not None:
-            return state.grad_evals >= budget.grad_evals
-        return state.epoch >= (budget.epochs or 0)
-
-    model.train()
+    bar = _Bar(progress_bar, session)
+    stop = _StopFlag()
     interrupted = False
-    with _graceful_sigint(flag):
-        while not exhausted() and not state.diverged:
-            loader = make_loader(
-                bundle.train,
-                config.data.batch_size,
-                shuffle=True,
-                seed=config.seed,
-                epoch=state.epoch,
-                start_batch=state.batch,
-            )
-            tick = time.perf_counter()
-            for inputs, targets in loader:
-                if exhausted():
-                    break
-                fraction, step_fraction = _budget_fraction(state, budget, steps_per_epoch)
-                factor = lr_factor(config.schedule, fraction, step_fraction)
-                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                    group["lr"] = base * factor
-                result = train_step(
-                    model,
-                    optimizer,
-                    inputs.to(device, non_blocking=True),
-                    targets.to(device, non_blocking=True),
-                    nn.functional.cross_entropy,
-                    config.optimizer.bn_first_call_only,
-                )
-                state.add(result)
-                if not math.isfinite(result.loss):
-                    state.diverged = True
-                if progress_bar is not None:
-                    progress_bar.update(
-                        task,
-                        completed=_done(state, budget),
-                        info=_progress_info(state, result.loss),
-                    )
-                if on_step is not None:
-                    on_step(state)
-                if ranks.any(flag.requested, device):
-                    flag.requested = True
-                if flag.requested or state.diverged:
-                    break
-            state.wall_seconds += time.perf_counter() - tick
-            if (
-                flag.requested
-                and not state.diverged
-                and state.batch < steps_per_epoch
-                and not exhausted()
-            ):
-                interrupted = True
-                save()
+    session.model.train()
+    with _graceful_sigint(stop):
+        while not session.exhausted() and not state.diverged:
+            _train_epoch(session, stop, bar, on_step)
+            mid_epoch = state.batch < session.steps_per_epoch and not session.exhausted()
+            if stop.requested and not state.diverged and mid_epoch:
+                interrupted = True  # save the position inside the epoch; no metrics row
+                _save(session)
                 break
-            tick = time.perf_counter()
-            close_epoch(partial=0 < state.batch < steps_per_epoch)
-            state.wall_seconds += time.perf_counter() - tick  # evaluation time counts too
-            state.metrics[-1]["wall_seconds"] = state.wall_seconds
-            if exhausted() or state.diverged:
-                state.finished = True
-            save()
-            if flag.requested:
+            _close_epoch(session)
+            _save(session)
+            if stop.requested:
                 interrupted = not state.finished
                 break
-    if task is not None:
-        progress_bar.remove_task(task)
+    bar.close()
     return RunResult(out, state.metrics, interrupted=interrupted, diverged=state.diverged)
 
 
