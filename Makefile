@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[experiments,landscape,lightning,dev]" $(TORCH)
+	$(PY) -m pip install -q -e ".[torch,jax,experiments,landscape,lightning,dev]" $(TORCH)
 	touch $@
 
 .PHONY: install test test-all compare
