@@ -2,6 +2,7 @@
 
 import csv
 import json
+import statistics
 
 import pytest
 
@@ -24,7 +25,12 @@ def test_compare_on_a_tiny_budget_writes_table_csv_report_and_plots(tmp_path, ca
         assert word in printed
     with open(out / "summary.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert tuple(rows[0]) == SUMMARY_COLUMNS
+    assert tuple(rows[0])[: len(SUMMARY_COLUMNS)] == SUMMARY_COLUMNS
+    assert {"momentum", "betas", "radius", "projection_steps", "budget.epochs"} <= set(rows[0])
+    assert {(r["optimizer"], r["lr"]) for r in rows} == {
+        ("sgd", "2.0"), ("momentum", "0.5"), ("adamw", "0.01"), ("sam", "0.1"),
+        ("entropy_sgd", "100.0"), ("rbo", "2.0"), ("rbo", "1.0")
+    }  # fmt: skip
     assert len(rows) == (5 + 2) * 2  # 5 baselines + rbo at 2 radii, 2 seeds each
     by_name = {}
     for row in rows:
@@ -253,3 +259,77 @@ def test_compare_in_parallel_processes_gives_the_same_numbers(tmp_path):
             return [tuple(r[k] for k in keys) for r in csv.DictReader(handle)]
 
     assert rows("one") == rows("two") and len(rows("one")) == 2
+
+
+SGD_CONFIG = """
+seed = 0
+[data]
+name = "digits"
+batch_size = 200
+[model]
+name = "mlp"
+hidden = [16]
+activation = "tanh"
+[optimizer]
+name = "sgd"
+[budget]
+epochs = 3
+"""
+
+
+def test_sweep_epochs_override_and_a_line_per_cell(tmp_path, capsys):
+    config = tmp_path / "sgd.toml"
+    config.write_text(SGD_CONFIG)
+    out = tmp_path / "sweep"
+    args = ["sweep", str(config), "--lr", "0.1,1", "--seeds", "2", "--epochs", "1"]
+    assert main([*args, "--out", str(out)]) == 0
+    with open(out / "sweep.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {int(r["grad_evals"]) for r in rows} == {8}  # 1 epoch of 8 batches, not 3
+    lines = [line for line in capsys.readouterr().out.splitlines() if "closure calls" in line]
+    assert len(lines) == 2  # one per cell (learning rate), after both seeds
+    for line, lr in zip(lines, ("0.1", "1.0"), strict=True):
+        scores = [100 * float(r["test_accuracy"]) for r in rows if r["lr"] == lr]
+        mean, std = statistics.fmean(scores), statistics.stdev(scores)
+        assert line.startswith(f"sgd lr={float(lr):g}: test accuracy {mean:.2f}% ± {std:.2f}")
+        assert line.endswith("8 closure calls, " + line.split("closure calls, ")[1])
+        assert "(2 seed(s))" in line
+    assert main([*args, "--epochs", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "budget.epochs" in capsys.readouterr().err
+
+
+def test_report_keeps_learning_rates_apart_and_averages_seeds(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    config = tmp_path / "sgd.toml"
+    config.write_text(SGD_CONFIG)
+    sweep_dir = tmp_path / "sweep"
+    args = ["sweep", str(config), "--lr", "0.1,1", "--seeds", "2", "--epochs", "1"]
+    assert main([*args, "--out", str(sweep_dir)]) == 0
+    with open(sweep_dir / "sweep.csv") as handle:
+        runs = list(csv.DictReader(handle))
+    capsys.readouterr()
+    legends = []
+    save = Figure.savefig
+
+    def savefig(figure, *a, **k):
+        legends.append([t.get_text() for t in figure.axes[0].get_legend().get_texts()])
+        return save(figure, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    assert main(["report", str(sweep_dir), "--out", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr().out
+    with open(tmp_path / "report" / "summary.csv") as handle:
+        summary = list(csv.DictReader(handle))
+    assert tuple(summary[0])[: len(SUMMARY_COLUMNS)] == SUMMARY_COLUMNS
+    assert {"budget.epochs", "data.batch_size", "model.hidden", "weight_decay"} <= set(summary[0])
+    assert sorted((r["lr"], r["seed"]) for r in summary) == [
+        ("0.1", "0"), ("0.1", "1"), ("1.0", "0"), ("1.0", "1")
+    ]  # fmt: skip
+    for lr in ("0.1", "1.0"):  # each learning rate is its own group, its two seeds averaged
+        scores = [100 * float(r["test_accuracy"]) for r in runs if r["lr"] == lr]
+        mean, std = statistics.fmean(scores), statistics.stdev(scores)
+        assert f"lr={float(lr):g}" in printed and f"{mean:.2f} ± {std:.2f}" in printed
+    assert legends == [["sgd (lr=0.1) (n=2)", "sgd (lr=1) (n=2)"]] * 3
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| optimizer | radius | settings |" in report and "| sgd |  | lr=0.1 |" in report

@@ -86,6 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--lr", type=comma_separated_floats, required=True, help="learning rates, e.g. 0.01,0.1,1"
     )
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--epochs", type=int, help="epochs per run (replaces the config's budget)")
     p.add_argument("--out", default="runs/sweep", help="output directory (default: runs/sweep)")
     p.set_defaults(func=_cmd_sweep)
 
@@ -232,14 +233,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     """Run an rbo configuration over a radius x learning-rate grid; write sweep.csv, heatmap.png."""
-    from rollingball.experiments.config import ConfigError, load_config
+    from rollingball.experiments.config import BudgetConfig, ConfigError, load_config
     from rollingball.experiments.data import DataNotFoundError
     from rollingball.experiments.sweep import sweep
 
     console = _console()
     try:
+        config = load_config(args.config)
+        if args.epochs is not None:
+            config.budget = BudgetConfig(epochs=args.epochs)
         result = sweep(
-            load_config(args.config),
+            config,
             args.radius,
             args.lr,
             args.out,

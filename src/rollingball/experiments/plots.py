@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from rollingball.experiments.report import RunRecord
+from rollingball.experiments.report import RunRecord, group_runs
 
 __all__ = ["CURVE_AXES", "plot_curves", "plot_heatmap"]
 
@@ -45,17 +45,19 @@ def plot_curves(
     metric: str = "test_accuracy",
     title: str = "",
 ) -> list[Path]:
-    """Mean (± std over seeds) ``metric`` vs epoch, closure calls and wall time; one PNG each."""
+    """Mean (± std over seeds) ``metric`` vs epoch, closure calls and wall time; one PNG each.
+
+    One curve per group of runs that differ only in their seed, labelled with the settings
+    that set it apart (:func:`~rollingball.experiments.report.group_runs`).
+    """
     plt = _pyplot()
-    groups: dict[str, list[RunRecord]] = {}
-    for record in records:
-        groups.setdefault(record.label, []).append(record)
+    groups = group_runs(records)  # runs that differ only in their seed
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for stem, (x_key, x_label, log_x) in CURVE_AXES.items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, members in groups.items():
+        for label, members in groups:
             x, y, s = _mean_curve(members, x_key, metric)
             scale = 100.0 if metric.endswith("accuracy") else 1.0
             (line,) = ax.plot(

@@ -1,4 +1,9 @@
-"""Tables and summaries from saved runs (directories with ``config.toml`` + ``metrics.jsonl``)."""
+"""Tables and summaries from saved runs (directories with ``config.toml`` + ``metrics.jsonl``).
+
+Runs that differ only in their seed form one group (mean ± std over seeds); runs that differ in
+any other setting (learning rate, radius, batch size, ...) are kept apart, and the settings that
+tell groups of one optimizer apart are shown next to its name.
+"""
 
 from __future__ import annotations
 
@@ -12,25 +17,27 @@ from pathlib import Path
 from typing import Any
 
 from rollingball.experiments.atomic import atomic_write_text
-from rollingball.experiments.config import RunConfig, load_config
+from rollingball.experiments.config import RunConfig, config_to_dict, load_config
+from rollingball.experiments.optimizers import validate_hyperparameters
 from rollingball.experiments.runner import CONFIG, METRICS, read_metrics
 
 __all__ = [
+    "RESULT_COLUMNS",
     "SUMMARY_COLUMNS",
     "RunRecord",
     "aggregate",
     "find_runs",
+    "group_runs",
     "markdown_table",
     "projection_table",
     "rich_table",
+    "run_settings",
+    "shown_settings",
     "summary_rows",
     "write_summary_csv",
 ]
 
-SUMMARY_COLUMNS = (
-    "optimizer",
-    "radius",
-    "seed",
+RESULT_COLUMNS = (
     "test_accuracy",
     "test_loss",
     "train_loss",
@@ -38,6 +45,31 @@ SUMMARY_COLUMNS = (
     "wall_seconds",
     "epochs",
 )
+# the first columns of summary.csv; every other setting of the runs follows them
+SUMMARY_COLUMNS = ("optimizer", "radius", "lr", "seed", *RESULT_COLUMNS)
+# configuration entries that do not change what a run computes, or that are averaged over
+_NOT_SETTINGS = {"seed", "device", "threads", "data.data_dir", "data.download"}
+_NOT_SETTINGS |= {"data.eval_batch_size", *RESULT_COLUMNS}
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def run_settings(config: RunConfig) -> dict[str, Any]:
+    """Everything that sets a run apart except its seed: ``optimizer``, its hyperparameters
+    (registry defaults filled in) and the other sections as ``"data.batch_size"`` etc."""
+    name = config.optimizer.name
+    try:
+        hparams = validate_hyperparameters(name, config.optimizer.hparams)
+    except ValueError:  # an optimizer no longer in the registry: what the run was given
+        hparams = dict(config.optimizer.hparams)
+    settings: dict[str, Any] = {"optimizer": name}
+    settings.update({k: _hashable(v) for k, v in hparams.items()})
+    for section, table in config_to_dict(config).items():
+        if isinstance(table, dict) and section != "optimizer":
+            settings.update({f"{section}.{k}": _hashable(v) for k, v in table.items()})
+    return {k: v for k, v in settings.items() if k not in _NOT_SETTINGS}
 
 
 @dataclass
@@ -58,9 +90,51 @@ class RunRecord:
             return None
         return float(self.config.optimizer.hparams.get("radius", 1.0))
 
-    @property
-    def label(self) -> str:
-        return self.optimizer if self.radius is None else f"rbo (ρ={self.radius:g})"
+
+def shown_settings(settings: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per optimizer, the settings that tell its groups apart: its hyperparameters that vary
+    between its runs, and the other sections' entries that vary between any runs ("lr"
+    first; the radius has a column of its own)."""
+    by_optimizer: dict[str, list[dict[str, Any]]] = {}
+    for entry in settings:
+        by_optimizer.setdefault(entry["optimizer"], []).append(entry)
+    common = {key for key in _varying(settings) if "." in key}
+    return {
+        name: sorted(
+            (_varying(members) | common) - {"optimizer", "radius"},
+            key=lambda k: (k != "lr", "." in k, k),
+        )
+        for name, members in by_optimizer.items()
+    }
+
+
+def _varying(settings: Sequence[dict[str, Any]]) -> set[str]:
+    keys: set[str] = set().union(*settings)
+    return {key for key in keys if len({entry.get(key) for entry in settings}) > 1}
+
+
+def _format(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _describe(settings: dict[str, Any], keys: Sequence[str]) -> str:
+    return ", ".join(f"{k}={_format(settings[k])}" for k in keys if k in settings)
+
+
+def group_runs(records: Sequence[RunRecord]) -> list[tuple[str, list[RunRecord]]]:
+    """(label, runs) for each group of runs that differ only in their seed, in first-seen
+    order; the label names the optimizer, its radius and the settings that vary."""
+    settings = [run_settings(r.config) for r in records]
+    keys = shown_settings(settings)
+    groups: dict[tuple[Any, ...], tuple[str, list[RunRecord]]] = {}
+    for record, entry in zip(records, settings, strict=True):
+        key = tuple(sorted(entry.items(), key=lambda item: item[0]))
+        varying = _describe(entry, keys[record.optimizer])
+        if record.radius is not None:
+            varying = f"ρ={record.radius:g}" + (", " + varying if varying else "")
+        label = f"{record.optimizer} ({varying})" if varying else record.optimizer
+        groups.setdefault(key, (label, []))[1].append(record)
+    return list(groups.values())
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
@@ -82,14 +156,17 @@ def find_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
 
 
 def summary_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
-    """One row per run with :data:`SUMMARY_COLUMNS`, from its last metrics row."""
+    """One row per run: :data:`SUMMARY_COLUMNS` from its last metrics row, then every other
+    setting of the run (:func:`run_settings`)."""
     rows = []
     for record in records:
         last = record.metrics[-1]
+        settings = run_settings(record.config)
         rows.append(
             {
                 "optimizer": record.optimizer,
                 "radius": "" if record.radius is None else record.radius,
+                "lr": settings.pop("lr", ""),
                 "seed": record.config.seed,
                 "test_accuracy": last["test_accuracy"],
                 "test_loss": last["test_loss"],
@@ -97,15 +174,19 @@ def summary_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
                 "grad_evals": last["grad_evals"],
                 "wall_seconds": round(float(last["wall_seconds"]), 3),
                 "epochs": last.get("epochs", last["epoch"]),
+                **{k: v for k, v in settings.items() if k not in ("optimizer", "radius")},
             }
         )
     return rows
 
 
 def write_summary_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Write ``rows`` as CSV with :data:`SUMMARY_COLUMNS`, atomically."""
+    """Write ``rows`` as CSV, atomically: :data:`SUMMARY_COLUMNS`, then the other settings
+    (optimizer hyperparameters, then the other sections; blank where a run has no such key)."""
+    extra = {key for row in rows for key in row} - set(SUMMARY_COLUMNS)
+    columns = [*SUMMARY_COLUMNS, *sorted(extra, key=lambda k: ("." in k, k))]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(SUMMARY_COLUMNS), extrasaction="ignore")
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(path, buffer.getvalue())
@@ -118,18 +199,26 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _row_settings(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in _NOT_SETTINGS}
+
+
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds for each (optimizer, radius), in first-seen order."""
-    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    """Mean and standard deviation over seeds for each group of runs that differ only in their
+    seed, in first-seen order; ``settings`` names what sets the group apart (radius aside)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["optimizer"], row["radius"]), []).append(row)
+        key = tuple(sorted(_row_settings(row).items(), key=lambda item: item[0]))
+        groups.setdefault(key, []).append(row)
+    keys = shown_settings([_row_settings(members[0]) for members in groups.values()])
     out = []
-    for (optimizer, radius), members in groups.items():
+    for members in groups.values():
         acc_mean, acc_std = _mean_std([float(m["test_accuracy"]) for m in members])
         out.append(
             {
-                "optimizer": optimizer,
-                "radius": radius,
+                "optimizer": members[0]["optimizer"],
+                "radius": members[0]["radius"],
+                "settings": _describe(members[0], keys[members[0]["optimizer"]]),
                 "seeds": len(members),
                 "test_accuracy_mean": acc_mean,
                 "test_accuracy_std": acc_std,
@@ -143,20 +232,6 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _cells(row: dict[str, Any]) -> list[str]:
-    radius = "" if row["radius"] == "" else f"{float(row['radius']):g}"
-    acc = f"{100 * row['test_accuracy_mean']:.2f} ± {100 * row['test_accuracy_std']:.2f}"
-    return [
-        row["optimizer"],
-        radius,
-        acc,
-        f"{row['train_loss_mean']:.4f}",
-        f"{row['grad_evals_mean']:,.0f}",
-        f"{row['epochs_mean']:.3g}",
-        f"{row['wall_seconds_mean']:.1f}",
-    ]
-
-
 HEADERS = [
     "optimizer",
     "radius",
@@ -168,38 +243,66 @@ HEADERS = [
 ]
 
 
+def _headers(aggregated: Sequence[dict[str, Any]]) -> list[str]:
+    """:data:`HEADERS`, with a "settings" column when some group has settings to show."""
+    if any(row.get("settings") for row in aggregated):
+        return [*HEADERS[:2], "settings", *HEADERS[2:]]
+    return list(HEADERS)
+
+
+def _cells(row: dict[str, Any], with_settings: bool) -> list[str]:
+    radius = "" if row["radius"] == "" else f"{float(row['radius']):g}"
+    acc = f"{100 * row['test_accuracy_mean']:.2f} ± {100 * row['test_accuracy_std']:.2f}"
+    return [
+        row["optimizer"],
+        radius,
+        *([row.get("settings", "")] if with_settings else []),
+        acc,
+        f"{row['train_loss_mean']:.4f}",
+        f"{row['grad_evals_mean']:,.0f}",
+        f"{row['epochs_mean']:.3g}",
+        f"{row['wall_seconds_mean']:.1f}",
+    ]
+
+
 def rich_table(aggregated: Sequence[dict[str, Any]], title: str = "") -> Any:
     """A ``rich.table.Table`` of the aggregated rows."""
     from rich.table import Table
 
+    headers = _headers(aggregated)
     table = Table(title=title or None)
-    for i, header in enumerate(HEADERS):
-        table.add_column(header, justify="left" if i < 2 else "right")
+    for header in headers:
+        numeric = header not in ("optimizer", "radius", "settings")
+        table.add_column(header, justify="right" if numeric else "left")
     for row in aggregated:
-        table.add_row(*_cells(row))
+        table.add_row(*_cells(row, len(headers) > len(HEADERS)))
     return table
 
 
 def markdown_table(aggregated: Sequence[dict[str, Any]]) -> str:
     """The aggregated rows as a Markdown table."""
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join(["---"] * len(HEADERS)) + "|"]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in aggregated]
+    headers = _headers(aggregated)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] * len(headers)) + "|"]
+    lines += [
+        "| " + " | ".join(_cells(row, len(headers) > len(HEADERS))) + " |" for row in aggregated
+    ]
     return "\n".join(lines) + "\n"
 
 
 def projection_table(records: Sequence[RunRecord]) -> str:
-    """Markdown table of RBO's projection statistics per radius (means over epochs and seeds)."""
-    groups: dict[str, list[RunRecord]] = {}
-    for record in records:
-        if any("proj_steps_mean" in row for row in record.metrics):
-            groups.setdefault(record.label, []).append(record)
+    """Markdown table of RBO's projection statistics per group (means over epochs and seeds)."""
+    groups = [
+        (label, members)
+        for label, members in group_runs(records)
+        if any("proj_steps_mean" in row for r in members for row in r.metrics)
+    ]
     if not groups:
         return ""
     lines = [
         "| optimizer | projection iterations per step | steps converged | relative residual |",
         "|---|---|---|---|",
     ]
-    for label, members in groups.items():
+    for label, members in groups:
         rows = [row for r in members for row in r.metrics if "proj_steps_mean" in row]
         steps = statistics.fmean(float(row["proj_steps_mean"]) for row in rows)
         converged = statistics.fmean(float(row["proj_converged_frac"]) for row in rows)

@@ -70,38 +70,14 @@ def sweep(
     grid = np.full((len(axis), len(lrs)), np.nan)
     for i, radius in enumerate(axis):
         for j, lr in enumerate(lrs):
-            scores = []
-            for offset in range(seeds):
-                cfg = copy.deepcopy(config)
-                cfg.seed = config.seed + offset
-                cfg.optimizer.hparams["lr"] = float(lr)
-                name = f"lr{lr:g}"
-                if radius is not None:
-                    cfg.optimizer.hparams["radius"] = float(radius)
-                    name = f"r{radius:g}_{name}"
-                if console is not None:
-                    console.print(
-                        f"{config.optimizer.name} {name} seed {cfg.seed}", highlight=False
-                    )
-                result = run(cfg, out / "runs" / name / f"seed{cfg.seed}", resume=True, data=bundle)
-                last = result.final
-                rows.append(
-                    {
-                        "radius": "" if radius is None else radius,
-                        "lr": lr,
-                        "seed": cfg.seed,
-                        "val_accuracy": last.get("val_accuracy", ""),
-                        "test_accuracy": last["test_accuracy"],
-                        "test_loss": last["test_loss"],
-                        "train_loss": last["train_loss"],
-                        "grad_evals": last["grad_evals"],
-                        "wall_seconds": round(float(last["wall_seconds"]), 3),
-                        "diverged": result.diverged,
-                    }
-                )
-                key = "val_accuracy" if "val_accuracy" in last else "test_accuracy"
-                scores.append(math.nan if result.diverged else 100 * float(last[key]))
-            grid[i, j] = statistics.fmean(scores)
+            cell = [
+                _run_cell(config, radius, lr, config.seed + offset, out, bundle, console)
+                for offset in range(seeds)
+            ]
+            rows += cell
+            grid[i, j] = statistics.fmean(_score(row) for row in cell)
+            if console is not None:
+                console.print(_cell_line(config.optimizer.name, radius, lr, cell), highlight=False)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(SWEEP_COLUMNS))
     writer.writeheader()
@@ -115,3 +91,61 @@ def sweep(
     labels = [math.nan if r is None else r for r in axis]
     heatmap = plot_heatmap(labels, list(lrs), grid, out / "heatmap.png", title=title)
     return {"rows": rows, "grid": grid, "heatmap": heatmap}
+
+
+def _run_cell(
+    config: RunConfig,
+    radius: float | None,
+    lr: float,
+    seed: int,
+    out: Path,
+    bundle: Any,
+    console: Any,
+) -> dict[str, Any]:
+    """Run (or reuse) one seed of one grid cell; its row of sweep.csv."""
+    cfg = copy.deepcopy(config)
+    cfg.seed = seed
+    cfg.optimizer.hparams["lr"] = float(lr)
+    name = f"lr{lr:g}"
+    if radius is not None:
+        cfg.optimizer.hparams["radius"] = float(radius)
+        name = f"r{radius:g}_{name}"
+    if console is not None:
+        console.print(f"{config.optimizer.name} {name} seed {seed}", highlight=False)
+    result = run(cfg, out / "runs" / name / f"seed{seed}", resume=True, data=bundle)
+    last = result.final
+    return {
+        "radius": "" if radius is None else radius,
+        "lr": lr,
+        "seed": seed,
+        "val_accuracy": last.get("val_accuracy", ""),
+        "test_accuracy": last["test_accuracy"],
+        "test_loss": last["test_loss"],
+        "train_loss": last["train_loss"],
+        "grad_evals": last["grad_evals"],
+        "wall_seconds": round(float(last["wall_seconds"]), 3),
+        "diverged": result.diverged,
+    }
+
+
+def _score(row: dict[str, Any]) -> float:
+    """The heat map's value of one run: validation accuracy (%) if measured, else test."""
+    if row["diverged"]:
+        return math.nan
+    key = "test_accuracy" if row["val_accuracy"] == "" else "val_accuracy"
+    return 100 * float(row[key])
+
+
+def _cell_line(optimizer: str, radius: float | None, lr: float, cell: list[dict[str, Any]]) -> str:
+    """One printed line per finished cell: its accuracy over seeds and its cost."""
+    where = f"{optimizer} " + ("" if radius is None else f"ρ={radius:g} ") + f"lr={lr:g}"
+    which = "test" if cell[0]["val_accuracy"] == "" else "val"
+    scores = [_score(row) for row in cell]
+    calls = statistics.fmean(float(row["grad_evals"]) for row in cell)
+    seconds = sum(float(row["wall_seconds"]) for row in cell)
+    if any(math.isnan(v) for v in scores):
+        accuracy = f"diverged ({sum(math.isnan(v) for v in scores)} of {len(cell)} seeds)"
+    else:
+        spread = f" ± {statistics.stdev(scores):.2f}" if len(scores) > 1 else ""
+        accuracy = f"{which} accuracy {statistics.fmean(scores):.2f}%{spread}"
+    return f"{where}: {accuracy}, {calls:,.0f} closure calls, {seconds:.1f} s ({len(cell)} seed(s))"
