@@ -8,7 +8,11 @@ import sys
 
 # Each module defines `add_parser(subparsers)` for its sub-commands; imported when the command
 # line is parsed, so that `import rollingball` needs neither matplotlib nor the datasets.
-COMMAND_MODULES = ("rollingball.landscape.cli", "rollingball.experiments.cli")
+COMMAND_MODULES = (
+    "rollingball.landscape.cli",
+    "rollingball.experiments.cli",
+    "rollingball.experiments.claims",
+)
 
 
 def comma_separated_floats(text: str) -> list[float]:

@@ -1,0 +1,7 @@
+"""``python -m rollingball.experiments.claims NAME``."""
+
+import sys
+
+from rollingball.experiments.claims import main
+
+sys.exit(main())
