@@ -91,10 +91,12 @@ def test_complex_parameters_are_refused():
         RBO([torch.zeros(3, dtype=torch.complex64, requires_grad=True)], lr=0.1)
 
 
-def test_sparse_gradients_are_refused_and_nothing_changes():
+@pytest.mark.parametrize("radius", [0.0, 0.5])
+def test_sparse_gradients_are_refused_and_nothing_changes(radius):
+    # a limit at radius 0 too (stated in the README): RBO's checks need dense gradients
     embedding = nn.Embedding(10, 3, sparse=True)
     before = embedding.weight.detach().clone()
-    opt = RBO(embedding.parameters(), lr=0.1, radius=0.5)
+    opt = RBO(embedding.parameters(), lr=0.1, radius=radius)
 
     def closure():
         opt.zero_grad()
@@ -102,9 +104,10 @@ def test_sparse_gradients_are_refused_and_nothing_changes():
         loss.backward()
         return loss
 
-    with pytest.raises(RuntimeError, match="sparse"):
+    with pytest.raises(RuntimeError, match="sparse gradients, at any radius"):
         opt.step(closure)
     assert torch.equal(embedding.weight, before)
+    assert opt.last_stats["skipped"] and opt.grad_evals == 1
 
 
 @pytest.mark.parametrize("projection", ["anderson", "gd"])

@@ -3,13 +3,14 @@
 from rollingball.optim.accumulation import micro_batch_closure, split_batch
 from rollingball.optim.batchnorm import first_call_updates_batchnorm
 from rollingball.optim.entropy_sgd import EntropySGD
-from rollingball.optim.rbo import RBO
+from rollingball.optim.rbo import RBO, ProjectionWarning
 from rollingball.optim.usam import USAM
 
 __all__ = [
     "RBO",
     "USAM",
     "EntropySGD",
+    "ProjectionWarning",
     "first_call_updates_batchnorm",
     "micro_batch_closure",
     "split_batch",

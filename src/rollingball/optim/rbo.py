@@ -14,14 +14,18 @@ loss scale and the sign is − when maximizing. `radius=0` is exactly torch.opti
 from __future__ import annotations
 
 import math
+import warnings
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from rollingball.optim.batchnorm import first_call_updates_batchnorm
+from rollingball.optim.closure import StepClosure
 from rollingball.optim.geometry import (
     copy_,
     inner,
@@ -45,6 +49,14 @@ SHARED_SETTINGS = (
     "on_nonfinite",
 )
 NONFINITE_POLICIES = ("raise", "skip")
+# The poor-projection warning: a step whose relative residual stays above POOR_RESIDUAL made
+# poor progress; warn once when more than half of the last POOR_WINDOW steps did.
+POOR_RESIDUAL = 0.5
+POOR_WINDOW = 20
+
+
+class ProjectionWarning(UserWarning):
+    """Many recent RBO steps ended far from the contact point the projection looks for."""
 
 
 class _NonFinite(Exception):
@@ -103,7 +115,7 @@ class _Landscape:
 
     def __init__(
         self,
-        closure: Closure,
+        closure: StepClosure,
         groups: list[dict[str, Any]],
         params: list[list[Tensor]],
         settings: dict[str, Any],
@@ -115,15 +127,14 @@ class _Landscape:
         self.sign = -1.0 if settings["maximize"] else 1.0
         self.scale = float(settings["loss_scale"])
         self.process_group = process_group
-        self.calls = 0
+
+    @property
+    def calls(self) -> int:
+        return self.closure.calls
 
     def evaluate(self) -> tuple[Any, float, list[list[Tensor]]]:
         """One closure call: (the closure's loss, f(x), the per-group ∇f(x) in `.grad`)."""
-        with torch.enable_grad():
-            loss = self.closure()
-        self.calls += 1
-        if loss is None:
-            raise RuntimeError("the closure must return the loss")
+        loss = self.closure()
         if self.calls == 1:  # as in torch.optim, a parameter with no gradient at θ sits out
             self.params = [[p for p in params if p.grad is not None] for params in self.params]
         value = self._reduced(loss)
@@ -157,7 +168,10 @@ class _Landscape:
             param.grad = torch.zeros_like(param)
         grad = param.grad
         if grad.is_sparse:
-            raise RuntimeError("RBO does not support sparse gradients")
+            raise RuntimeError(
+                "RBO does not support sparse gradients, at any radius (the ball's geometry "
+                "needs dense ones): use nn.Embedding(..., sparse=False)"
+            )
         return grad
 
 
@@ -239,10 +253,20 @@ class RBO(Optimizer):
         process_group: under torch.distributed, the group over which the closure's loss is
             averaged (one scalar all-reduce per closure call); by default the default group
             when torch.distributed is initialised with more than one process.
+        fixed_randomness: every closure call of a step starts from the random state of the
+            first (torch's CPU generator, and the CUDA generators of the parameters' devices),
+            so Dropout masks and random augmentations repeat and the ball rolls on one
+            landscape; after the step the generators are where one call left them.
+        model: the module whose BatchNorm running statistics the closure updates; if given,
+            only the first closure call of a step updates them, as one SGD step would.
 
     `step(closure)` returns the closure's loss at the starting point; `last_stats` holds the
     step's figures: grad_evals (closure calls), projection_steps, residual (‖r‖ relative to
-    ‖r(θ)‖), converged, safeguard_steps, skipped, loss.
+    ‖r(θ)‖), converged, safeguard_steps, skipped, loss. A step that did not happen (a
+    non-finite value, or an exception raised by the closure) has skipped=True and counts
+    the closure calls it spent. RBO sets the gradients to None before every closure call.
+    If the relative residual stays above 0.5 on more than half of the last 20 steps, RBO
+    warns once (`ProjectionWarning`).
     """
 
     def __init__(
@@ -261,6 +285,8 @@ class RBO(Optimizer):
         anderson_memory: int = 5,
         on_nonfinite: str = "raise",
         process_group: Any = None,
+        fixed_randomness: bool = True,
+        model: nn.Module | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -280,7 +306,11 @@ class RBO(Optimizer):
         super().__init__(params, defaults)
         self._shared_settings()
         self.process_group = process_group
+        self.fixed_randomness = fixed_randomness
+        self.model = model
         self.last_stats: dict[str, Any] = {}
+        self._poor_steps: deque[bool] = deque(maxlen=POOR_WINDOW)
+        self._warned = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -334,13 +364,17 @@ class RBO(Optimizer):
         """One RBO step on the closure's minibatch; returns the loss at the starting point."""
         if closure is None:
             raise RuntimeError(
-                "RBO needs a closure: step(closure) where closure() zeroes the gradients, "
-                "runs forward and backward on one minibatch and returns the loss"
+                "RBO needs a closure: step(closure) where closure() runs forward and backward "
+                "on one minibatch and returns the loss"
             )
         settings = self._shared_settings()
         groups = self.param_groups
         params = [[p for p in group["params"] if p.requires_grad] for group in groups]
-        landscape = _Landscape(closure, groups, params, settings, self._resolved_process_group())
+        if self.model is not None:
+            closure = first_call_updates_batchnorm(self.model, closure)
+        fixed = self.fixed_randomness and settings["radius"] > 0  # radius 0: one call anyway
+        caller = StepClosure(closure, _flat(params), fixed)
+        landscape = _Landscape(caller, groups, params, settings, self._resolved_process_group())
         snapshot = [p.clone() for p in _flat(params)] if settings["radius"] else None
         loss: Any = None
         try:
@@ -366,7 +400,10 @@ class RBO(Optimizer):
                 copy_(_flat(params), snapshot)
             if isinstance(error, _NonFinite):
                 return self._skip_or_raise(error, settings["on_nonfinite"], landscape.calls, loss)
+            self._refused(landscape.calls, loss)
             raise
+        finally:
+            caller.finish()
         self._commit_momentum(groups, active, directions)
         counters = self._counters
         counters["steps"] += 1
@@ -377,12 +414,33 @@ class RBO(Optimizer):
             "skipped": False,
             "loss": _as_float(loss),
         }
+        if settings["radius"] and settings["projection_tol"]:  # tol 0: a fixed K, by request
+            self._watch_projection(stats["residual"])
         return loss
 
-    def _skip_or_raise(self, error: _NonFinite, policy: str, calls: int, loss: Any) -> Any:
-        """Count a refused step (the parameters are already restored) and raise or skip it."""
-        counters = self._counters
-        counters["grad_evals"] += calls
+    def _watch_projection(self, residual: float) -> None:
+        """Warn once when most recent steps ended far from their contact point."""
+        self._poor_steps.append(not residual <= POOR_RESIDUAL)
+        poor = sum(self._poor_steps)
+        if self._warned or len(self._poor_steps) < POOR_WINDOW or 2 * poor <= POOR_WINDOW:
+            return
+        self._warned = True
+        warnings.warn(
+            f"RBO: on {poor} of the last {POOR_WINDOW} steps the projection ended with a "
+            f"relative residual above {POOR_RESIDUAL} (last_stats['residual']), so the "
+            "ball's steps are not the ones the radius describes. Likely causes: Dropout or "
+            "random augmentation in the closure with fixed_randomness=False; a closure that "
+            "does not recompute the loss on the same minibatch at every call; bfloat16 or "
+            "float16 round-off with a small projection_tol (use 1e-2 or more); a radius too "
+            "large for the landscape (lower radius or lr, or raise projection_steps). "
+            "This warning is shown once.",
+            ProjectionWarning,
+            stacklevel=5,  # the caller of step, past torch's no_grad and profiling wrappers
+        )
+
+    def _refused(self, calls: int, loss: Any) -> None:
+        """Record a step that did not happen, with the closure calls it spent."""
+        self._counters["grad_evals"] += calls
         self.last_stats = {
             "grad_evals": calls,
             "projection_steps": 0,
@@ -392,11 +450,15 @@ class RBO(Optimizer):
             "skipped": True,
             "loss": math.nan if loss is None else _as_float(loss),
         }
+
+    def _skip_or_raise(self, error: _NonFinite, policy: str, calls: int, loss: Any) -> Any:
+        """Count a refused step (the parameters are already restored) and raise or skip it."""
+        self._refused(calls, loss)
         if policy == "raise":
             raise FloatingPointError(
                 f"RBO step refused: {error}; the parameters are left as they were before the step"
             ) from None
-        counters["skipped_steps"] += 1
+        self._counters["skipped_steps"] += 1
         return loss
 
     def _tangent_directions(
