@@ -33,6 +33,8 @@ SOLVERS = ("anderson", "gd")
 # The Anderson solver's ridge on its normal equations, relative to the largest ‖ΔP_j‖²
 # (`rollingball.optim.projection.AndersonProjection.regularization`).
 ANDERSON_REGULARIZATION = 1e-10
+# The blind last step's trust in the Gauss–Newton model (`AndersonProjection.trust`).
+ANDERSON_TRUST = 0.5
 
 
 class RBOState(NamedTuple):
@@ -40,8 +42,9 @@ class RBOState(NamedTuple):
 
     Read them with `optax.tree_utils.tree_get(state, name)`. `grad_evals` counts the calls
     of `value_fn` in the step plus the caller's own evaluation at θ; `residual` is
-    ‖r(x)‖/‖r(θ)‖ at the last evaluated point of the projection; `skipped` is set when a
-    non-finite loss or gradient made the update zero.
+    ‖r(x)‖/‖r(θ)‖ at the last evaluated point of the projection; `blind_step` says whether
+    the solver took a last step without evaluating it; `skipped` is set when a non-finite
+    loss or gradient made the update zero.
     """
 
     count: jax.Array  # type: ignore[assignment]  # optax calls the step count `count`
@@ -51,17 +54,8 @@ class RBOState(NamedTuple):
     safeguard_steps: jax.Array
     residual: jax.Array
     converged: jax.Array
+    blind_step: jax.Array
     skipped: jax.Array
-
-
-class _Point(NamedTuple):
-    """What the solvers keep of an evaluated point x (see `_Problem.evaluate`)."""
-
-    direction: Any  # r(x), or the Gauss–Newton direction (I + ∇f ∇fᵀ)⁻¹ r(x)
-    norm: jax.Array  # ‖r(x)‖
-    phi: jax.Array  # φ(x)
-    noise: jax.Array  # round-off level of φ(x)
-    bad: jax.Array  # non-finite loss or residual
 
 
 def _require(condition: bool, message: str) -> None:
@@ -152,15 +146,14 @@ def _zero_like(tree: Any) -> Any:
     return jax.tree.map(jnp.zeros_like, tree)
 
 
-# --- the landscape and the projection problem (`rollingball.optim.rbo._Projection`) ---
+# --- the projection (`rollingball.optim.rbo._Projection` and `optim.projection`) ---
 
 
 class _Problem:
-    """The projection seen from the solvers: evaluations of r at θ + d.
+    """The projection problem: evaluations at x = θ + d, with u = x − θ̃ kept alongside.
 
-    Keeps the offset u = x − θ̃ and the height mismatch f(x) − ỹ = (f(x) − f(θ)) − h with
-    h = ỹ − f(θ) = ρ/s − η⟨g, v⟩. Residual r(x) = u + (f(x) − ỹ) ∇f(x); Gauss–Newton
-    direction (I + ∇f ∇fᵀ)⁻¹ r = u + ∇f (f(x) − ỹ − ⟨∇f, u⟩)/(1 + ‖∇f‖²).
+    The height mismatch is m = f(x) − ỹ = (f(x) − f(θ)) − h with h = ỹ − f(θ) = ρ/s − η⟨g, v⟩;
+    the residual is r = ∇φ = u + m ∇f.
     """
 
     def __init__(
@@ -178,196 +171,270 @@ class _Problem:
         self.acc = acc
         self.eps = jnp.finfo(jax.tree.leaves(params)[0].dtype).eps
 
-    def evaluate(self, displacement: Any) -> tuple[jax.Array, Any]:
-        """One call of value_fn at x = θ + d: (f(x), ∇f(x))."""
-        return self.landscape(_combine((1, self.params), (1, displacement)))
+    def evaluate(self, displacement: Any) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+        """One call of value_fn at θ + d: (m, ∇f, ‖∇f‖², non-finite loss or gradient)."""
+        value, grad = self.landscape(_combine((1, self.params), (1, displacement)))
+        grad_sq = _inner(grad, grad, self.acc)
+        bad = ~jnp.isfinite(value) | ~jnp.isfinite(grad_sq)
+        return (value - self.start_value) - self.lift, grad, grad_sq, bad
 
-    def point(self, value: jax.Array, grad: Any, offset: Any, newton: bool) -> _Point:
-        """r or the Gauss–Newton direction at a point with f = value, ∇f = grad, u = offset."""
-        acc = self.acc
-        mismatch = (value - self.start_value) - self.lift
-        residual = _combine((mismatch, grad), (1, offset))
-        norm = jnp.sqrt(_inner(residual, residual, acc))
-        bad = ~jnp.isfinite(value) | ~jnp.isfinite(norm)
-        if not newton:
-            nan = jnp.full((), jnp.nan, acc)
-            return _Point(residual, norm, nan, nan, bad)
-        shift = (mismatch - _inner(grad, offset, acc)) / (1 + _inner(grad, grad, acc))
-        direction = _combine((1, offset), (shift, grad))
-        phi = 0.5 * (_inner(offset, offset, acc) + mismatch**2)
+    def phi_noise(self, mismatch: jax.Array, phi: jax.Array) -> jax.Array:
+        """Round-off level of φ: relative eps on φ itself and on the heights m is made of."""
+        value = mismatch + self.start_value + self.lift
         heights = jnp.abs(value) + jnp.abs(self.start_value) + jnp.abs(self.lift)
-        noise = 4 * self.eps * (phi + jnp.abs(mismatch) * heights)
-        return _Point(direction, norm, phi, noise, bad)
+        return 4 * self.eps * (phi + jnp.abs(mismatch) * heights)
 
 
 class _Outcome(NamedTuple):
-    displacement: Any  # x* − θ
+    """Evaluated trial points, residual norms at θ and at the last evaluated point, rejected
+    trial points, whether a blind last step was taken, and a non-finite value."""
+
     steps: jax.Array
-    calls: jax.Array
     initial_norm: jax.Array
     final_norm: jax.Array
     safeguard_steps: jax.Array
+    blind_step: jax.Array
     bad: jax.Array
 
 
 def _gd_projection(
     problem: _Problem,
     offset: Any,
-    start: _Point,
+    grad: Any,
+    grad_sq: jax.Array,
     max_steps: int,
     step_size: float,
     tol: float,
-) -> _Outcome:
-    """The authors' scheme x ← x − γ r(x), at most K iterations
-    (`rollingball.optim.projection.GradientDescentProjection`).
+) -> tuple[Any, _Outcome]:
+    """The authors' scheme x ← x − γ r(x), r = u + m ∇f, K iterations from x₀ = θ
+    (`rollingball.optim.projection.GradientDescentProjection`); returns (x − θ, outcome).
 
-    Stops when ‖r(x)‖ ≤ tol·‖r(θ)‖. With tol = 0 it runs all K iterations and does not
-    evaluate after the last one: K calls of value_fn per step in all, the caller's included.
+    r(θ) is free and the K-th iteration is taken blind: at most K calls of value_fn per step,
+    the caller's included. With tol > 0 it stops when ‖r(x)‖ ≤ tol·‖r(θ)‖; with tol = 0 ‖r‖
+    only decides at θ and at the last evaluated point, as in the torch solver.
     """
-    initial = start.norm
+    acc = problem.acc
     zero = jnp.zeros((), jnp.int32)
-    # with tol = 0 the K-th iteration is taken after the loop, without an evaluation
-    loop_steps = max_steps - 1 if tol == 0 else max_steps
+
+    def residual(mismatch: jax.Array, grad: Any, offset: Any) -> tuple[Any, jax.Array]:
+        r = _combine((mismatch, grad), (1, offset))
+        return r, jnp.sqrt(_inner(r, r, acc))
+
+    r, initial = residual(-problem.lift, grad, offset)
+    bad = ~jnp.isfinite(initial) | ~jnp.isfinite(grad_sq)
 
     def cond(carry: tuple[Any, ...]) -> jax.Array:
-        _, _, _, norm, steps, bad = carry
-        return (steps < loop_steps) & (norm > tol * initial) & ~bad
+        _, _, _, norm, moves, bad = carry
+        going = norm > tol * initial if tol > 0 else initial > 0
+        return (moves < max_steps - 1) & going & ~bad
 
     def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
-        displacement, offset, residual, _, steps, _ = carry
-        displacement = _combine((1, displacement), (-step_size, residual))
-        offset = _combine((1, offset), (-step_size, residual))
-        value, grad = problem.evaluate(displacement)
-        point = problem.point(value, grad, offset, newton=False)
-        return displacement, offset, point.direction, point.norm, steps + 1, point.bad
+        displacement, offset, r, _, moves, _ = carry
+        displacement = _combine((1, displacement), (-step_size, r))
+        offset = _combine((1, offset), (-step_size, r))
+        mismatch, grad, _, bad = problem.evaluate(displacement)
+        r, norm = residual(mismatch, grad, offset)
+        return displacement, offset, r, norm, moves + 1, bad | ~jnp.isfinite(norm)
 
-    carry = (_zero_like(offset), offset, start.direction, initial, zero, start.bad)
-    displacement, _, residual, norm, steps, bad = jax.lax.while_loop(cond, body, carry)
-    calls = steps
-    if tol == 0:
-        moving = norm > 0
-        displacement = _combine((1, displacement), (jnp.where(moving, -step_size, 0), residual))
-        steps = steps + moving.astype(jnp.int32)
-    return _Outcome(displacement, steps, calls, initial, norm, zero, bad)
+    carry = (_zero_like(offset), offset, r, initial, zero, bad)
+    displacement, _, r, norm, moves, bad = jax.lax.while_loop(cond, body, carry)
+    blind = (moves == max_steps - 1) & (norm > tol * initial) & ~bad
+    displacement = _combine((1, displacement), (jnp.where(blind, -step_size, 0), r))
+    return displacement, _Outcome(moves, initial, norm, zero, blind, bad)
+
+
+class _Point(NamedTuple):
+    """An evaluated point as the Anderson solver sees it: m, ‖∇f‖², ⟨∇f, u⟩, ‖u‖²."""
+
+    mismatch: jax.Array
+    grad_sq: jax.Array
+    grad_offset: jax.Array
+    offset_sq: jax.Array
+
+    @property
+    def phi(self) -> jax.Array:
+        """φ = ½(‖u‖² + m²)."""
+        return 0.5 * (self.offset_sq + self.mismatch**2)
+
+    @property
+    def newton_shift(self) -> jax.Array:
+        """c in p = (I + g gᵀ)⁻¹ r = u + c g (Sherman–Morrison): c = (m − ⟨g, u⟩)/(1 + ‖g‖²)."""
+        return (self.mismatch - self.grad_offset) / (1 + self.grad_sq)
+
+    def residual_norm(self, newton_sq: jax.Array) -> jax.Array:
+        """‖r‖ from ‖p‖²: r = (I + g gᵀ) p, so ‖r‖² = ‖p‖² + ⟨g, p⟩²(2 + ‖g‖²),
+        with ⟨g, p⟩ = (⟨g, u⟩ + m‖g‖²)/(1 + ‖g‖²)."""
+        g_p = (self.grad_offset + self.mismatch * self.grad_sq) / (1 + self.grad_sq)
+        return jnp.sqrt(jnp.maximum(newton_sq, 0) + g_p**2 * (2 + self.grad_sq))
 
 
 def _anderson_projection(
     problem: _Problem,
     offset: Any,
-    start: _Point,
+    grad: Any,
+    grad_sq: jax.Array,
     max_steps: int,
     step_size: float,
     tol: float,
     memory: int,
-) -> _Outcome:
-    """Anderson-accelerated Gauss–Newton iteration with a safeguard
-    (`rollingball.optim.projection.AndersonProjection`).
+) -> tuple[Any, _Outcome]:
+    """Anderson-accelerated Gauss–Newton iteration with a safeguard and a blind last step
+    (`rollingball.optim.projection.AndersonProjection`); returns (x − θ, outcome).
 
-    With the last m differences ΔX_j = x_{j+1} − x_j, ΔP_j = p_{j+1} − p_j:
-        α = argmin ‖p_k − ΔP α‖ (ridge 1e-10·max_j ‖ΔP_j‖²),  x_{k+1} = x_k − ΔX α − γ (p_k − ΔP α).
+    p = u + c g; with the last m differences ΔX_j = x_{j+1} − x_j and D_j = p_j − p_{j+1},
+        α = argmin ‖p_k + D α‖ (ridge 1e-10·max_j ‖D_j‖²),  x_{k+1} = x_k − ΔX α − γ (p_k + D α).
     A trial point with φ(x_{k+1}) > φ(x_k) + round-off is rejected: back to x_k, history
-    cleared, and a rejected plain step halves γ. Stops when ‖r‖ ≤ tol·‖r(θ)‖ or after K calls.
-    The history is a ring of m slots; `valid` marks the slots that hold live differences.
+    cleared, and a rejected plain step halves γ. After the K-th evaluation the next step is
+    taken unevaluated if the Gauss–Newton model predicted the last accepted step well
+    (`_blind_is_safe`). The history is a ring of m slots; `valid` marks the live ones.
     """
     acc = problem.acc
-    initial = start.norm
     zero = jnp.zeros((), jnp.int32)
     ring = jax.tree.map(lambda leaf: jnp.zeros((memory, *leaf.shape), leaf.dtype), offset)
 
-    def trial_step(
-        direction: Any,
-        x_steps: Any,
-        p_steps: Any,
-        gram: jax.Array,
-        valid: jax.Array,
-        gamma: jax.Array,
-    ) -> Any:
-        """δ = −ΔX α − γ (p − ΔP α), α from the regularised normal equations of ‖p − ΔP α‖."""
-        plain = _combine((-gamma, direction))
+    def newton(point: _Point, offset: Any, grad: Any) -> Any:
+        return _combine((1, offset), (point.newton_shift, grad))
+
+    def trial_step(p: Any, x_steps: Any, d_steps: Any, gram: jax.Array, valid: jax.Array,
+                   gamma: jax.Array) -> Any:  # fmt: skip
+        """δ = −ΔX α − γ (p + D α), α from the regularised normal equations of ‖p + D α‖."""
 
         def accelerated() -> Any:
-            rhs = _ring_inners(p_steps, direction, acc)
+            rhs = -_ring_inners(d_steps, p, acc)
             diagonal = jnp.where(valid, jnp.diagonal(gram), -jnp.inf)
-            ridge = ANDERSON_REGULARIZATION * diagonal.max() + jnp.maximum(
-                jnp.asarray(1e-300, acc), jnp.finfo(acc).tiny
-            )
+            ridge = ANDERSON_REGULARIZATION * diagonal.max() + _smallest(acc)
             both = valid[:, None] & valid[None, :]
             matrix = jnp.where(both, gram, 0) + jnp.diag(jnp.where(valid, ridge, 1))
             alpha = jnp.where(valid, jnp.linalg.solve(matrix, jnp.where(valid, rhs, 0)), 0)
             return jax.tree.map(
-                lambda step, dx, dp: _ring_sum(step, -alpha, dx, gamma * alpha, dp),
-                plain,
+                lambda pi, dx, d: _ring_sum(pi, -gamma, -alpha, dx, -gamma * alpha, d),
+                p,
                 x_steps,
-                p_steps,
+                d_steps,
             )
 
-        return jax.lax.cond(valid.any(), accelerated, lambda: plain)
+        return jax.lax.cond(valid.any(), accelerated, lambda: _combine((-gamma, p)))
 
-    def cond(carry: tuple[Any, ...]) -> jax.Array:
-        calls, norm, bad = carry[0], carry[4], carry[-1]
-        return (calls < max_steps) & (norm > tol * initial) & ~bad
+    def cond(carry: dict[str, Any]) -> jax.Array:
+        going = (carry["norm"] > tol * initial) & (carry["calls"] < max_steps)
+        return going & ~carry["bad"]
 
-    def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
-        (calls, displacement, offset, previous, norm, phi, gamma, safeguards,
-         x_steps, p_steps, gram, valid, head, _) = carry  # fmt: skip
-        accelerated = valid.any()
-        step = trial_step(previous, x_steps, p_steps, gram, valid, gamma)
-        trial_displacement = _combine((1, displacement), (1, step))
-        trial_offset = _combine((1, offset), (1, step))
-        value, grad = problem.evaluate(trial_displacement)
-        point = problem.point(value, grad, trial_offset, newton=True)
-        reject = point.phi > phi + point.noise
+    def body(c: dict[str, Any]) -> dict[str, Any]:
+        point: _Point = c["point"]
+        p, step = newton(point, c["offset"], c["grad"]), c["step"]
+        # ⟨g, δ⟩ and ‖δ‖²: what the blind-step rule checks if this is the last evaluation
+        check = jnp.stack([_inner(c["grad"], step, acc), _inner(step, step, acc)])
+        trial_displacement = _combine((1, c["displacement"]), (1, step))
+        trial_offset = _combine((1, c["offset"]), (1, step))
+        mismatch, trial_grad, trial_grad_sq, bad = problem.evaluate(trial_displacement)
+        trial = _Point(
+            mismatch,
+            trial_grad_sq,
+            _inner(trial_grad, trial_offset, acc),
+            _inner(trial_offset, trial_offset, acc),
+        )
+        reject = trial.phi > point.phi + problem.phi_noise(trial.mismatch, trial.phi)
 
         def pick(rejected: Any, accepted: Any) -> Any:
             return jax.tree.map(lambda a, b: jnp.where(reject, a, b), rejected, accepted)
 
-        # accepted: ΔX = δ and ΔP = p_{k+1} − p_k go to the oldest slot (rejected: it stays)
-        delta_p = _combine((1, point.direction), (-1, previous))
-        x_steps = _ring_put(x_steps, head, pick(_slot(x_steps, head), step))
-        p_steps = _ring_put(p_steps, head, pick(_slot(p_steps, head), delta_p))
-        products = _ring_inners(p_steps, delta_p, acc)
-        new_gram = gram.at[head, :].set(products).at[:, head].set(products)
+        # accepted: ΔX = δ and D = p_k − p_{k+1} go to the oldest slot (rejected: it stays)
+        head = c["head"]
+        trial_p = newton(trial, trial_offset, trial_grad)
+        d = _combine((1, p), (-1, trial_p))
+        x_steps = _ring_put(c["x_steps"], head, pick(_slot(c["x_steps"], head), step))
+        d_steps = _ring_put(c["d_steps"], head, pick(_slot(c["d_steps"], head), d))
+        products = _ring_inners(d_steps, d, acc)
+        gram = c["gram"].at[head, :].set(products).at[:, head].set(products)
+        norm = trial.residual_norm(_inner(trial_p, trial_p, acc))
+        accelerated = c["valid"].any()
+        gamma = jnp.where(reject & ~accelerated, c["gamma"] / 2, c["gamma"])
+        valid = jnp.where(reject, jnp.zeros_like(c["valid"]), c["valid"].at[head].set(True))
+        gram = jnp.where(reject, c["gram"], gram)
+        next_step = trial_step(pick(p, trial_p), x_steps, d_steps, gram, valid, gamma)
+        return {
+            "calls": c["calls"] + 1,
+            "step": next_step,
+            "displacement": pick(_combine((1, trial_displacement), (-1, step)), trial_displacement),
+            "offset": pick(_combine((1, trial_offset), (-1, step)), trial_offset),
+            "grad": pick(c["grad"], trial_grad),
+            "point": pick(point, trial),
+            "norm": jnp.where(reject, c["norm"], norm),
+            "gamma": gamma,
+            "safeguards": c["safeguards"] + reject.astype(jnp.int32),
+            "x_steps": x_steps,
+            "d_steps": d_steps,
+            "gram": gram,
+            "valid": valid,
+            "head": jnp.where(reject, head, (head + 1) % memory),
+            "before": pick(c["before"], point),
+            "has_before": ~reject,
+            "check": jnp.where(reject, c["check"], check),
+            "bad": bad | (~reject & ~jnp.isfinite(norm)),
+        }
 
-        return (
-            calls + 1,
-            pick(_combine((1, trial_displacement), (-1, step)), trial_displacement),
-            pick(_combine((1, trial_offset), (-1, step)), trial_offset),
-            pick(previous, point.direction),
-            jnp.where(reject, norm, point.norm),
-            jnp.where(reject, phi, point.phi),
-            jnp.where(reject & ~accelerated, gamma / 2, gamma),
-            safeguards + reject.astype(jnp.int32),
-            x_steps,
-            p_steps,
-            jnp.where(reject, gram, new_gram),
-            jnp.where(reject, jnp.zeros_like(valid), valid.at[head].set(True)),
-            jnp.where(reject, head, (head + 1) % memory),
-            point.bad,
-        )
+    start = _Point(-problem.lift, grad_sq, _inner(grad, offset, acc), _inner(offset, offset, acc))
+    p0 = newton(start, offset, grad)
+    initial = start.residual_norm(_inner(p0, p0, acc))
+    carry = {
+        "calls": zero,
+        "step": _combine((-step_size, p0)),  # no history yet: the plain step −γ p
+        "displacement": _zero_like(offset),
+        "offset": offset,
+        "grad": grad,
+        "point": start,
+        "norm": initial,
+        "gamma": jnp.asarray(step_size, acc),
+        "safeguards": zero,
+        "x_steps": ring,
+        "d_steps": ring,
+        "gram": jnp.zeros((memory, memory), acc),
+        "valid": jnp.zeros((memory,), bool),
+        "head": zero,
+        "before": start,
+        "has_before": jnp.zeros((), bool),
+        "check": jnp.zeros((2,), acc),
+        "bad": ~jnp.isfinite(initial) | ~jnp.isfinite(grad_sq),
+    }
+    c = jax.lax.while_loop(cond, body, carry)
+    blind = (c["calls"] == max_steps) & (c["norm"] > tol * initial) & c["has_before"] & ~c["bad"]
+    blind = blind & _blind_is_safe(problem, c["before"], c["point"], c["check"], c["step"])
+    displacement = _combine((1, c["displacement"]), (blind.astype(acc), c["step"]))
+    outcome = _Outcome(c["calls"], initial, c["norm"], c["safeguards"], blind, c["bad"])
+    return displacement, outcome
 
-    carry = (
-        zero,
-        _zero_like(offset),
-        offset,
-        start.direction,
-        initial,
-        start.phi,
-        jnp.asarray(step_size, acc),
-        zero,
-        ring,
-        ring,
-        jnp.zeros((memory, memory), acc),
-        jnp.zeros((memory,), bool),
-        zero,
-        start.bad,
+
+def _blind_is_safe(
+    problem: _Problem, before: _Point, point: _Point, check: jax.Array, step: Any
+) -> jax.Array:
+    """Trust the Gauss–Newton model for one more, unevaluated step.
+
+    On the last step δ, from x_{k−1} to x_k, the model predicted
+    φ̂ = ½‖u_k‖² + ½(m_{k−1} + ⟨g_{k−1}, δ⟩)²; the blind step is taken when
+    |φ(x_k) − φ̂| ≤ trust·(φ(x_{k−1}) − φ̂) and it is no longer than δ.
+    """
+    linear, last_sq = check[0], check[1]
+    predicted = 0.5 * point.offset_sq + 0.5 * (before.mismatch + linear) ** 2
+    decrease = before.phi - predicted
+    return (
+        (decrease > problem.phi_noise(point.mismatch, point.phi))
+        & (jnp.abs(point.phi - predicted) <= ANDERSON_TRUST * decrease)
+        & (_inner(step, step, problem.acc) <= last_sq)
     )
-    out = jax.lax.while_loop(cond, body, carry)
-    calls, displacement, norm, safeguards, bad = out[0], out[1], out[4], out[7], out[-1]
-    return _Outcome(displacement, calls, calls, initial, norm, safeguards, bad)
+
+
+def _smallest(acc: Any) -> jax.Array:
+    """The ridge's absolute floor: 1e-300 as in the torch solver, or the tiniest normal
+    number of `acc` where 1e-300 underflows."""
+    return jnp.maximum(jnp.asarray(1e-300, acc), jnp.finfo(acc).tiny)
 
 
 def _slot(ring: Any, j: jax.Array) -> Any:
     return jax.tree.map(lambda stack: stack[j], ring)
+
+
+def _ring_put(ring: Any, head: jax.Array, tree: Any) -> Any:
+    return jax.tree.map(lambda stack, leaf: stack.at[head].set(leaf), ring, tree)
 
 
 def _ring_inners(ring: Any, tree: Any, acc: Any) -> jax.Array:
@@ -379,18 +446,16 @@ def _ring_inners(ring: Any, tree: Any, acc: Any) -> jax.Array:
     return sum(terms, jnp.zeros(jax.tree.leaves(ring)[0].shape[:1], acc))
 
 
-def _ring_put(ring: Any, head: jax.Array, tree: Any) -> Any:
-    return jax.tree.map(lambda stack, leaf: stack.at[head].set(leaf), ring, tree)
-
-
-def _ring_sum(base: jax.Array, a: jax.Array, x: jax.Array, b: jax.Array, p: jax.Array) -> jax.Array:
-    """base + Σ_j a_j x_j + Σ_j b_j p_j over the ring's slots, in float32 or wider."""
+def _ring_sum(
+    base: jax.Array, c: jax.Array, a: jax.Array, x: jax.Array, b: jax.Array, y: jax.Array
+) -> jax.Array:
+    """c·base + Σ_j a_j x_j + Σ_j b_j y_j over the ring's slots, in float32 or wider."""
     wide = jnp.promote_types(base.dtype, jnp.float32)
     shape = (-1,) + (1,) * base.ndim
     total = (
-        base.astype(wide)
+        c.astype(wide) * base.astype(wide)
         + jnp.sum(a.astype(wide).reshape(shape) * x.astype(wide), axis=0)
-        + jnp.sum(b.astype(wide).reshape(shape) * p.astype(wide), axis=0)
+        + jnp.sum(b.astype(wide).reshape(shape) * y.astype(wide), axis=0)
     )
     return total.astype(base.dtype)
 
@@ -455,6 +520,7 @@ def rbo(
             safeguard_steps=zero,
             residual=jnp.zeros((), acc),
             converged=jnp.ones((), bool),
+            blind_step=jnp.zeros((), bool),
             skipped=jnp.zeros((), bool),
         )
 
@@ -468,18 +534,15 @@ def rbo(
             grad = jax.tree.map(lambda g: g * loss_scale, grad)
         return value * loss_scale, grad
 
-    def update(
+    def step(
         updates: Any,
         state: RBOState,
-        params: Any = None,
-        *,
+        params: Any,
         value: Any,
-        grad: Any = None,
+        grad: Any,
         value_fn: Callable[..., Any],
-        **extra_args: Any,
+        extra_args: dict[str, Any],
     ) -> tuple[Any, RBOState]:
-        if params is None:
-            raise ValueError("rbo needs the parameters: update(grad, state, params, ...)")
         acc = _accumulator(params)
         grad = updates if grad is None else grad
         value_and_grad = jax.value_and_grad(value_fn)
@@ -500,9 +563,9 @@ def rbo(
                 step = jax.tree.map(lambda vi: jnp.array(-lr, dtype=vi.dtype) * vi, v)
             else:
                 step = jax.tree.map(lambda vi: -learning_rate * vi, v)
-            zero = jnp.zeros((), jnp.int32)
+            zero, no = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
             norm = jnp.zeros((), acc)
-            return step, _Outcome(None, zero, zero, norm, norm, zero, start_bad)
+            return step, _Outcome(zero, norm, norm, zero, no, start_bad)
 
         def roll(rho: Any) -> tuple[Any, _Outcome]:
             """Seat the ball, move its centre along the tangent, project it onto the graph."""
@@ -510,46 +573,61 @@ def rbo(
             offset = _combine((rho / s, g), (lr, v))  # u = θ − θ̃ = ρ g/s + η v
             lift = rho / s - lr * (grad_sq if not momentum else _inner(g, v, acc))
             problem = _Problem(landscape, params, f0, jnp.asarray(lift, acc), acc)
-            start = problem.point(f0, g, offset, newton=projection == "anderson")
-            start = start._replace(bad=start.bad | start_bad)
             if projection == "gd":
-                outcome = _gd_projection(
-                    problem, offset, start, projection_steps, projection_step_size,
+                displacement, outcome = _gd_projection(
+                    problem, offset, g, grad_sq, projection_steps, projection_step_size,
                     projection_tol,
                 )  # fmt: skip
             else:
-                outcome = _anderson_projection(
-                    problem, offset, start, projection_steps, projection_step_size,
+                displacement, outcome = _anderson_projection(
+                    problem, offset, g, grad_sq, projection_steps, projection_step_size,
                     projection_tol, anderson_memory,
                 )  # fmt: skip
-            return outcome.displacement, outcome._replace(displacement=None)
+            return displacement, outcome._replace(bad=outcome.bad | start_bad)
 
         if callable(radius):
             rho = jnp.asarray(radius(state.count), acc)
-            step, outcome = jax.lax.cond(rho == 0, sgd, lambda: roll(rho))
+            delta, outcome = jax.lax.cond(rho == 0, sgd, lambda: roll(rho))
         elif radius == 0:
-            step, outcome = sgd()
+            delta, outcome = sgd()
         else:
-            step, outcome = roll(radius)
+            delta, outcome = roll(radius)
 
         bad = outcome.bad
         initial = outcome.initial_norm
         relative = jnp.where(
             initial > 0, outcome.final_norm / jnp.where(initial > 0, initial, 1), 0
         )
-        new_updates = jax.tree.map(lambda s: jnp.where(bad, jnp.zeros_like(s), s), step)
         new_state = RBOState(
             count=jnp.where(bad, state.count, optax.safe_increment(state.count)),
             momentum=None
             if not momentum
             else jax.tree.map(lambda old, new: jnp.where(bad, old, new), state.momentum, v),
-            grad_evals=1 + outcome.calls,
+            grad_evals=1 + outcome.steps,
             projection_steps=jnp.where(bad, 0, outcome.steps),
             safeguard_steps=jnp.where(bad, 0, outcome.safeguard_steps),
             residual=jnp.where(bad, jnp.nan, relative).astype(acc),
             converged=~bad & (relative <= projection_tol),
+            blind_step=~bad & outcome.blind_step,
             skipped=bad,
         )
-        return new_updates, new_state
+        return jax.tree.map(lambda d: jnp.where(bad, jnp.zeros_like(d), d), delta), new_state
+
+    # jitted here too, so that a step outside jax.jit is compiled once per value_fn
+    compiled_step = jax.jit(step, static_argnames="value_fn")
+
+    def update(
+        updates: Any,
+        state: RBOState,
+        params: Any = None,
+        *,
+        value: Any,
+        grad: Any = None,
+        value_fn: Callable[..., Any],
+        **extra_args: Any,
+    ) -> tuple[Any, RBOState]:
+        if params is None:
+            raise ValueError("rbo needs the parameters: update(grad, state, params, ...)")
+        return compiled_step(updates, state, params, value, grad, value_fn, extra_args)
 
     return optax.GradientTransformationExtraArgs(init, update)
