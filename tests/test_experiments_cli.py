@@ -333,3 +333,45 @@ def test_report_keeps_learning_rates_apart_and_averages_seeds(tmp_path, capsys, 
     assert legends == [["sgd (lr=0.1) (n=2)", "sgd (lr=1) (n=2)"]] * 3
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| optimizer | radius | settings |" in report and "| sgd |  | lr=0.1 |" in report
+
+
+def test_every_command_error_is_one_line(tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (broken / "config.toml").write_text('[data]\nname = "nope"\n')
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    missing = str(tmp_path / "missing.toml")
+    tiny = ["--data", "digits", "--optimizers", "sgd", "--epochs", "1", "--seeds", "1"]
+    cases = [
+        (["run", missing, "--out", str(tmp_path / "r")], "config file not found"),
+        (["compare", *tiny, "--hparams", missing], "hyperparameter file not found"),
+        (["compare", *tiny, "--out", str(a_file)], "a_file"),  # not a directory
+        (["sweep", missing, "--lr", "0.1"], "config file not found"),
+        (["report", str(broken)], "unknown dataset 'nope'"),
+        (["report", str(tmp_path / "nothing")], "no such directory"),
+        (["report", str(tmp_path / "r")], "no such directory"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"rollingball {argv[0]}: error: ") and err.count("\n") == 1, err
+        assert message in err, (argv, err)
+
+
+def test_help_lists_choices_and_defaults(capsys):
+    expected = {
+        "compare": ["--model {cnn1d,cnn2d,mlp,", "--data {mnist1d,digits,", "(default: 30)",
+                    "from: sgd, momentum, adamw, sam,", "(default: 0.1,0.3,1)"],
+        "sweep": ["--epochs EPOCHS epochs per run (replaces the config's budget)",
+                  "(default: runs/sweep)"],
+        "run": ["--resume continue the run saved in --out"],
+        "report": ["(default: first DIR)"],
+    }  # fmt: skip
+    for command, phrases in expected.items():
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for phrase in phrases:
+            assert phrase in text, (command, phrase)

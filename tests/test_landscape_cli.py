@@ -62,17 +62,91 @@ def test_iron_2d_two_starts(tmp_path):
     assert {"end_0", "end_1"} <= set(rows[0])
 
 
+def test_iron_refuses_negative_radii(tmp_path):
+    with pytest.raises(SystemExit):  # argparse: usage and one error line
+        main(["iron", "ackley", "--steps", "1", "--out", str(tmp_path), "--radii", "0.1,-1"])
+
+
+def _one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(f"rollingball {command}: error: ") and err.count("\n") == 1, err
+    return err
+
+
 @pytest.mark.parametrize(
-    "flags", [["--radii", "0.1,-1"], ["--domain=2,1"], ["--points", "2"], ["--start", "1,2,3"]]
+    "flags, message",
+    [
+        (["ackley", "--domain=2,1"], "--domain needs LO,HI with LO < HI"),
+        (["ackley", "--points", "2"], "--points needs at least 3"),
+        (["ackley", "--start", "1,2,3"], "--start needs 1 or 1 values"),
+        (["ackley", "--points", "11", "--steps", "-1"], "--steps must be >= 0"),
+        (["ackley", "--lr", "-1"], "Invalid learning rate"),
+        (["rosenbrock", "--dim", "1"], "dim >= 2"),
+    ],
 )
-def test_iron_refuses_bad_input(flags, tmp_path):
-    with pytest.raises(SystemExit):
-        main(["iron", "ackley", "--steps", "1", "--out", str(tmp_path), *flags])
+def test_iron_errors_are_one_line(flags, message, tmp_path, capsys):
+    assert main(["iron", "--steps", "1", "--out", str(tmp_path), *flags]) == 2
+    assert message in _one_line_error(capsys, "iron")
 
 
-def test_iron_refuses_one_dimensional_rosenbrock(tmp_path):
-    with pytest.raises(SystemExit, match="dim >= 2"):
-        main(["iron", "rosenbrock", "--dim", "1", "--out", str(tmp_path)])
+def test_iron_warns_when_a_radius_is_below_the_grid_spacing(tmp_path, capsys):
+    # 101 points over ackley's box [-4, 4]: spacing 0.08; at 201 points 0.04
+    args = ["iron", "ackley", "--steps", "1", "--out", str(tmp_path)]
+    assert main([*args, "--points", "101", "--radii", "0.05,0.1"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        "rollingball iron: warning: radius 0.05 is below the grid spacing 0.08, so ironing at "
+        "it changes nothing; use more --points or a larger radius"
+    ]
+    assert main([*args, "--points", "201", "--radii", "0.05,0.1"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_help_lists_choices_and_defaults(capsys):
+    for command in ("iron", "landscape"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        if command == "iron":
+            assert "{ackley,gaussian_wells," in text and "(default: 0.01,0.1,1)" in text
+            assert "--anderson-memory ANDERSON_MEMORY m of the Anderson solver (default: 5)" in text
+        else:
+            assert "--model {cnn1d,cnn2d,mlp," in text and "(default: mlp)" in text
+            assert "--data {mnist1d,digits," in text and "(default: 0.05,0.2)" in text
+
+
+def test_landscape_refuses_an_unknown_model_without_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["landscape", "--state-dict", str(tmp_path / "m.pt"), "--model", "foo"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'foo'" in err and "Traceback" not in err
+
+
+class Payload:
+    """An arbitrary object: unpickling it could run code."""
+
+
+def test_landscape_errors_are_one_line(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from rollingball.experiments.data import load_data
+    from rollingball.experiments.models import build_model
+
+    bundle = load_data("digits")
+    path = tmp_path / "model.pt"
+    torch.save(build_model("mlp", bundle.input_shape, bundle.num_classes, hidden=[8]).state_dict(),
+               path)  # fmt: skip
+    args = ["landscape", "--points", "3", "--no-progress", "--out", str(tmp_path / "out")]
+    assert main([*args, "--state-dict", str(tmp_path / "missing.pt")]) == 2
+    assert "No such file" in _one_line_error(capsys, "landscape")
+    assert main([*args, "--state-dict", str(path), "--hidden", "16"]) == 2
+    assert "does not fit this model (check --model and --hidden)" in _one_line_error(
+        capsys, "landscape"
+    )
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    assert main([*args, "--state-dict", str(tmp_path / "evil.pt")]) == 2
+    assert "refusing to load it" in _one_line_error(capsys, "landscape")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rollingball.cli import comma_separated_floats
+from rollingball.cli import HelpFormatter, comma_separated_floats
 
 __all__ = ["add_parser"]
 
@@ -19,8 +19,18 @@ def _names(text: str) -> list[str]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add ``run``, ``compare``, ``sweep`` and ``report`` to the ``rollingball`` command."""
+    _add_run(subparsers)
+    _add_compare(subparsers)
+    _add_sweep(subparsers)
+    _add_report(subparsers)
+
+
+def _add_run(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "run", help="train one configuration (TOML)", description=_cmd_run.__doc__
+        "run",
+        help="train one configuration (TOML)",
+        description=_cmd_run.__doc__,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "config", help="run configuration (TOML), e.g. experiments/paper/mnist_mlp_rbo.toml"
@@ -35,46 +45,63 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
 
+
+def _add_compare(subparsers: argparse._SubParsersAction) -> None:
+    from rollingball.experiments.compare import DEFAULT_OPTIMIZERS, DEFAULT_RADII
+    from rollingball.experiments.data import DATASETS
+    from rollingball.experiments.models import MODELS
+    from rollingball.experiments.optimizers import OPTIMIZERS
+
     p = subparsers.add_parser(
         "compare",
         help="the main job: every optimizer on MNIST-1D, table + CSV + plots",
         description=_cmd_compare.__doc__,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs per run (default: 30)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per optimizer (default: 2)")
+    p.add_argument("--out", default="runs/compare", help="output directory")
+    p.add_argument("--epochs", type=int, default=30, help="epochs per run")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per optimizer")
     p.add_argument(
         "--budget",
         choices=["epochs", "grad_evals"],
         default="epochs",
-        help="equal epochs, or an equal number of closure calls (default: epochs)",
+        help="equal epochs, or an equal number of closure calls",
     )
     p.add_argument(
         "--grad-evals",
         type=int,
         help="closure calls per run under --budget grad_evals (default: 4 x SGD's for --epochs)",
     )
-    p.add_argument("--data", default="mnist1d", help="dataset (default: mnist1d)")
-    p.add_argument("--model", default="mlp", help="model (default: mlp)")
-    p.add_argument("--optimizers", type=_names, help="comma-separated (default: all six)")
+    p.add_argument("--data", default="mnist1d", choices=DATASETS, help="dataset")
+    p.add_argument("--model", default="mlp", choices=sorted(MODELS), help="model")
+    p.add_argument(
+        "--optimizers",
+        type=_names,
+        default=",".join(DEFAULT_OPTIMIZERS),
+        help=f"comma-separated, from: {', '.join(OPTIMIZERS)}",
+    )
     p.add_argument(
         "--radii",
         type=comma_separated_floats,
-        help="RBO radii, comma-separated (default: 0.1,0.3,1)",
+        default=",".join(f"{r:g}" for r in DEFAULT_RADII),
+        help="RBO radii, comma-separated",
     )
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100, help="minibatch size")
     p.add_argument("--data-dir", help="directory with the dataset files")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (default: 1)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     p.add_argument(
         "--hparams",
         help="TOML of per-optimizer hyperparameters, e.g. experiments/fair/compare_digits.toml",
     )
     p.set_defaults(func=_cmd_compare)
 
+
+def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sweep",
         help="radius x learning-rate heat map (PNG + CSV)",
         description=_cmd_sweep.__doc__,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("config", help="a run configuration (TOML); --radius needs optimizer rbo")
     p.add_argument(
@@ -85,13 +112,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lr", type=comma_separated_floats, required=True, help="learning rates, e.g. 0.01,0.1,1"
     )
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--seeds", type=int, default=1, help="seeds per cell (config seed, +1, ...)")
     p.add_argument("--epochs", type=int, help="epochs per run (replaces the config's budget)")
-    p.add_argument("--out", default="runs/sweep", help="output directory (default: runs/sweep)")
+    p.add_argument("--out", default="runs/sweep", help="output directory")
     p.set_defaults(func=_cmd_sweep)
 
+
+def _add_report(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "report", help="tables and plots from saved runs", description=_cmd_report.__doc__
+        "report",
+        help="tables and plots from saved runs",
+        description=_cmd_report.__doc__,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("dirs", nargs="+", help="run directories, or directories above them")
     p.add_argument(
@@ -186,21 +218,9 @@ def _train_one(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     """Train an MLP on MNIST-1D with sgd, momentum, adamw, sam, entropy_sgd and rbo (3 radii),
     2 seeds; print a table, write summary.csv, report.md and plots."""
-    from rollingball.experiments.compare import (
-        DEFAULT_OPTIMIZERS,
-        DEFAULT_RADII,
-        CompareSpec,
-        compare,
-        load_hparams,
-    )
-    from rollingball.experiments.config import ConfigError
-    from rollingball.experiments.data import DataNotFoundError
+    from rollingball.experiments.compare import CompareSpec, compare, load_hparams
 
-    try:
-        hparams, by_radius = load_hparams(args.hparams) if args.hparams else (None, None)
-    except ConfigError as error:
-        print(f"rollingball compare: error: {error}", file=sys.stderr)
-        return 2
+    hparams, by_radius = load_hparams(args.hparams) if args.hparams else (None, None)
     spec = CompareSpec(
         data=args.data,
         model=args.model,
@@ -208,8 +228,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         budget=args.budget,
         grad_evals=args.grad_evals,
-        optimizers=args.optimizers or DEFAULT_OPTIMIZERS,
-        radii=args.radii or DEFAULT_RADII,
+        optimizers=args.optimizers,
+        radii=args.radii,
         batch_size=args.batch_size,
         data_dir=args.data_dir,
     )
@@ -219,9 +239,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         spec.rbo_lr_by_radius = by_radius
     try:
         compare(spec, args.out, jobs=args.jobs, console=_console())
-    except (ConfigError, DataNotFoundError, ValueError) as error:
-        print(f"rollingball compare: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(
             "interrupted; rerun the same command to continue "
@@ -233,26 +250,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     """Run an rbo configuration over a radius x learning-rate grid; write sweep.csv, heatmap.png."""
-    from rollingball.experiments.config import BudgetConfig, ConfigError, load_config
-    from rollingball.experiments.data import DataNotFoundError
+    from rollingball.experiments.config import BudgetConfig, load_config
     from rollingball.experiments.sweep import sweep
 
     console = _console()
-    try:
-        config = load_config(args.config)
-        if args.epochs is not None:
-            config.budget = BudgetConfig(epochs=args.epochs)
-        result = sweep(
-            config,
-            args.radius,
-            args.lr,
-            args.out,
-            seeds=args.seeds,
-            console=console,
-        )
-    except (ConfigError, DataNotFoundError, ValueError) as error:
-        print(f"rollingball sweep: error: {error}", file=sys.stderr)
-        return 2
+    config = load_config(args.config)
+    if args.epochs is not None:
+        config.budget = BudgetConfig(epochs=args.epochs)
+    result = sweep(config, args.radius, args.lr, args.out, seeds=args.seeds, console=console)
     console.print(f"wrote {Path(args.out) / 'sweep.csv'} and {result['heatmap']}")
     return 0
 
@@ -271,18 +276,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     )
 
     console = _console()
-    try:
-        records = find_runs(args.dirs)
-    except FileNotFoundError as error:
-        print(f"rollingball report: error: {error}", file=sys.stderr)
-        return 2
+    records = find_runs(args.dirs)
     if not records:
-        print(
-            "rollingball report: error: no runs (metrics.jsonl + config.toml) under "
-            + ", ".join(args.dirs),
-            file=sys.stderr,
+        raise FileNotFoundError(
+            f"no runs (metrics.jsonl + config.toml) under {', '.join(args.dirs)}"
         )
-        return 2
     out = Path(args.out or args.dirs[0])
     rows = summary_rows(records)
     table = aggregate(rows)

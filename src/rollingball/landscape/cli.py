@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from rollingball.cli import comma_separated_floats
+from rollingball.cli import HelpFormatter, comma_separated_floats, one_line
 from rollingball.landscape.functions import FUNCTIONS, get_function
 from rollingball.landscape.ironing import iron, unreachable_from_ironed
 from rollingball.landscape.trajectories import trajectory
@@ -33,86 +34,120 @@ def _positive_radii(text: str) -> list[float]:
 
 def add_parser(subparsers: Any) -> None:
     """Register the ``iron`` and ``landscape`` sub-commands."""
-    iron_parser = subparsers.add_parser(
+    _add_iron(subparsers)
+    _add_landscape(subparsers)
+
+
+def _add_iron(subparsers: Any) -> None:
+    p = subparsers.add_parser(
         "iron",
         help="iron a synthetic landscape at several radii and run RBO and GD on it",
         description="Writes ironed.png, trajectories.png and trajectories.csv to --out.",
+        formatter_class=HelpFormatter,
     )
-    iron_parser.add_argument("function", choices=sorted(FUNCTIONS))
-    iron_parser.add_argument("--dim", type=int, choices=(1, 2), default=1)
-    iron_parser.add_argument("--radii", type=_positive_radii, default=[0.01, 0.1, 1.0])
-    iron_parser.add_argument(
+    p.add_argument("function", choices=sorted(FUNCTIONS), help="synthetic landscape")
+    p.add_argument("--dim", type=int, choices=(1, 2), default=1, help="dimension")
+    p.add_argument(
+        "--radii", type=_positive_radii, default="0.01,0.1,1", help="ball radii, comma-separated"
+    )
+    p.add_argument(
         "--start", type=comma_separated_floats, action="append",
         help="start point, comma-separated (one value is used for every coordinate); repeat "
-        "for several starts. Default: the function's own start.",
+        "for several starts (default: the function's own start)",
     )  # fmt: skip
-    iron_parser.add_argument("--steps", type=int, default=500)
-    iron_parser.add_argument("--lr", type=float, default=1e-3)
-    iron_parser.add_argument("--projection", choices=("anderson", "gd"), default="anderson")
-    iron_parser.add_argument("--projection-steps", type=int, default=20)
-    iron_parser.add_argument("--projection-step-size", type=float, default=1.0)
-    iron_parser.add_argument(
-        "--projection-tol", type=float, default=1e-4,
-        help="0 runs every projection step (the authors' scheme with --projection gd)",
-    )  # fmt: skip
-    iron_parser.add_argument(
-        "--domain", type=comma_separated_floats, help="lo,hi of every coordinate"
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps per run")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of RBO and GD")
+    p.add_argument(
+        "--projection", choices=("anderson", "gd"), default="anderson", help="RBO's solver"
     )
-    iron_parser.add_argument("--points", type=int, help="grid points per axis (1-D 4001, 2-D 201)")
-    iron_parser.add_argument("--out", type=Path, default=Path("out/iron"))
-    iron_parser.set_defaults(func=run_iron)
+    p.add_argument("--projection-steps", type=int, default=20, help="K, at most per step")
+    p.add_argument("--projection-step-size", type=float, default=1.0, help="γ")
+    p.add_argument(
+        "--projection-tol", type=float, default=1e-4,
+        help="relative residual to stop at; 0 runs every projection step (the authors' "
+        "scheme with --projection gd)",
+    )  # fmt: skip
+    p.add_argument("--anderson-memory", type=int, default=5, help="m of the Anderson solver")
+    p.add_argument(
+        "--domain", type=comma_separated_floats,
+        help="LO,HI of every coordinate (default: the function's box; a negative LO needs "
+        "--domain=LO,HI)",
+    )  # fmt: skip
+    p.add_argument("--points", type=int, help="grid points per axis (default: 1-D 4001, 2-D 201)")
+    p.add_argument("--out", type=Path, default=Path("out/iron"), help="output directory")
+    p.set_defaults(func=run_iron)
 
-    slice_parser = subparsers.add_parser(
+
+def _add_landscape(subparsers: Any) -> None:
+    from rollingball.experiments.data import DATASETS
+    from rollingball.experiments.models import MODELS
+
+    p = subparsers.add_parser(
         "landscape",
         help="loss slices of a trained model along filter-normalised directions, ironed",
         description="Writes slice.png, slice.csv and slice.json to --out.",
+        formatter_class=HelpFormatter,
     )
-    slice_parser.add_argument(
+    p.add_argument(
         "--state-dict", type=Path, required=True,
         help="a state_dict file, or a training checkpoint holding it under 'model'",
     )  # fmt: skip
-    slice_parser.add_argument("--model", default="mlp", help="model name (experiments registry)")
-    slice_parser.add_argument(
+    p.add_argument("--model", default="mlp", choices=sorted(MODELS), help="model (registry)")
+    p.add_argument(
         "--hidden", type=comma_separated_floats, help="hidden widths of an mlp, e.g. 64,64"
     )
-    slice_parser.add_argument("--data", default="digits", help="data set name")
-    slice_parser.add_argument("--data-dir", type=Path)
-    slice_parser.add_argument("--split", choices=("train", "test"), default="train")
-    slice_parser.add_argument("--max-samples", type=int, help="use the first N samples only")
-    slice_parser.add_argument("--batch-size", type=int, default=1024)
-    slice_parser.add_argument("--dim", type=int, choices=(1, 2), default=2)
-    slice_parser.add_argument("--span", type=float, default=1.0, help="coordinates in [-S, S]")
-    slice_parser.add_argument("--points", type=int, default=21, help="grid points per axis")
-    slice_parser.add_argument("--radii", type=_positive_radii, default=[0.05, 0.2])
-    slice_parser.add_argument(
+    p.add_argument("--data", default="digits", choices=DATASETS, help="data set")
+    p.add_argument("--data-dir", type=Path, help="directory with the dataset files")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="data split")
+    p.add_argument("--max-samples", type=int, help="use the first N samples only")
+    p.add_argument("--batch-size", type=int, default=1024, help="evaluation batch size")
+    p.add_argument("--dim", type=int, choices=(1, 2), default=2, help="slice dimension")
+    p.add_argument("--span", type=float, default=1.0, help="coordinates in [-S, S]")
+    p.add_argument("--points", type=int, default=21, help="grid points per axis")
+    p.add_argument(
+        "--radii", type=_positive_radii, default="0.05,0.2", help="ball radii, comma-separated"
+    )
+    p.add_argument(
         "--include-1d", action="store_true",
         help="also move biases and norm weights (left out in Li et al.)",
     )  # fmt: skip
-    slice_parser.add_argument("--seed", type=int, default=0)
-    slice_parser.add_argument(
+    p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    p.add_argument(
         "--train-mode", action="store_true", help="evaluate in train mode (default: eval mode)"
     )
-    slice_parser.add_argument("--no-progress", action="store_true")
-    slice_parser.add_argument("--out", type=Path, default=Path("out/landscape"))
-    slice_parser.set_defaults(func=run_landscape)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", type=Path, default=Path("out/landscape"), help="output directory")
+    p.set_defaults(func=run_landscape)
+
+
+def _warn_if_finer_than_grid(command: str, radii: list[float], spacing: float) -> None:
+    """One line on stderr per radius below the grid spacing: such a ball irons nothing."""
+    for radius in radii:
+        if radius < spacing:
+            print(
+                f"rollingball {command}: warning: radius {radius:g} is below the grid spacing "
+                f"{spacing:.3g}, so ironing at it changes nothing; use more --points or a "
+                "larger radius",
+                file=sys.stderr,
+            )
 
 
 def run_iron(args: argparse.Namespace) -> int:
     """Ironed figure, trajectories figure and a CSV of the runs' end points."""
     from rollingball.landscape.plots import Run, plot_ironed, plot_trajectories, save_png
 
-    try:
-        fn = get_function(args.function, args.dim)
-    except ValueError as error:
-        raise SystemExit(str(error)) from None
+    fn = get_function(args.function, args.dim)
     if args.domain is not None and (len(args.domain) != 2 or args.domain[0] >= args.domain[1]):
-        raise SystemExit(f"--domain needs LO,HI with LO < HI, got {args.domain}")
+        raise ValueError(f"--domain needs LO,HI with LO < HI, got {args.domain}")
     lo, hi = args.domain if args.domain else fn.domain
     points = args.points or (4001 if args.dim == 1 else 201)
     if points < 3:
-        raise SystemExit(f"--points needs at least 3, got {points}")
+        raise ValueError(f"--points needs at least 3, got {points}")
+    if args.steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {args.steps}")
     axis = np.linspace(lo, hi, points)
     spacing = float(axis[1] - axis[0])
+    _warn_if_finer_than_grid("iron", args.radii, spacing)
     mesh = torch.meshgrid(*[torch.from_numpy(axis)] * args.dim, indexing="ij")
     points_flat = torch.stack(mesh, -1).reshape(-1, args.dim)
     with torch.no_grad():  # in chunks: gaussian_wells holds a (points, wells, d) difference
@@ -129,7 +164,7 @@ def run_iron(args: argparse.Namespace) -> int:
     runs, rows = [], []
     for start in starts:
         if len(start) not in (1, args.dim):
-            raise SystemExit(f"--start needs 1 or {args.dim} values, got {len(start)}")
+            raise ValueError(f"--start needs 1 or {args.dim} values, got {len(start)}")
         theta0 = torch.tensor(start * args.dim if len(start) == 1 else start, dtype=torch.float64)
         where = ",".join(f"{v:g}" for v in theta0.tolist())
         configs = [("GD", 0.0)] + [("RBO", r) for r in args.radii]
@@ -142,7 +177,7 @@ def run_iron(args: argparse.Namespace) -> int:
                     params, lr=args.lr, radius=radius, projection=args.projection,
                     projection_steps=args.projection_steps,
                     projection_step_size=args.projection_step_size,
-                    projection_tol=args.projection_tol,
+                    projection_tol=args.projection_tol, anderson_memory=args.anderson_memory,
                 )  # fmt: skip
 
             run = trajectory(fn, theta0, make, args.steps)
@@ -184,14 +219,13 @@ def run_landscape(args: argparse.Namespace) -> int:
     bundle = load_data(args.data, args.data_dir)
     dataset = bundle.train if args.split == "train" else bundle.test
     if not isinstance(dataset, TensorData):
-        raise SystemExit(f"{args.data} {args.split} is not held as tensors; cannot slice it")
+        raise ValueError(f"{args.data} {args.split} is not held as tensors; cannot slice it")
     total = len(dataset)
     count = total if args.max_samples is None else min(args.max_samples, total)
     inputs, targets = dataset.inputs[:count], dataset.targets[:count]
     kwargs = {} if args.hidden is None else {"hidden": [int(h) for h in args.hidden]}
     model = build_model(args.model, bundle.input_shape, bundle.num_classes, **kwargs)
-    payload = torch.load(args.state_dict, map_location="cpu", weights_only=True)
-    model.load_state_dict(payload.get("model", payload) if isinstance(payload, dict) else payload)
+    _load_weights(model, args.state_dict)
     model.train(args.train_mode)
     batches = list(zip(inputs.split(args.batch_size), targets.split(args.batch_size), strict=True))
     loss_fn = dataset_loss(model, torch.nn.functional.cross_entropy, batches)
@@ -201,6 +235,7 @@ def run_landscape(args: argparse.Namespace) -> int:
         filter_normalized_direction(params, args.include_1d, generator) for _ in range(args.dim)
     ]
     axis = np.linspace(-args.span, args.span, args.points)
+    _warn_if_finer_than_grid("landscape", args.radii, float(axis[1] - axis[0]))
     values = loss_slice(
         loss_fn, params, directions, [axis] * args.dim, progress=not args.no_progress
     )
@@ -230,3 +265,18 @@ def run_landscape(args: argparse.Namespace) -> int:
     (args.out / "slice.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"loss at the trained parameters {trained:.6g}; wrote {args.out}/")
     return 0
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a state_dict (or a checkpoint's "model") into ``model``; a mismatch is a ValueError."""
+    from rollingball.experiments.runner import load_checkpoint
+
+    payload = load_checkpoint(path)
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path} holds a {type(payload).__name__}, not a state_dict")
+    try:
+        model.load_state_dict(payload.get("model", payload))
+    except RuntimeError as error:  # missing or unexpected keys, shapes that differ
+        raise ValueError(
+            f"{path} does not fit this model (check --model and --hidden): {one_line(error)}"
+        ) from None
