@@ -3,22 +3,32 @@
 Return RBO from ``configure_optimizers`` and train as usual. Under automatic optimisation
 Lightning passes ``optimizer.step`` a closure that runs ``training_step``, ``zero_grad`` and
 ``backward``; RBO calls it 1 + (projection iterations) times per step, so ``training_step``
-runs that often per batch. Add :class:`RBOCallback` to the trainer to log each step's
-figures and to refuse the two Trainer settings that break the closure's contract:
+runs that often per batch, and a loss logged there is the loss at the projection's last
+trial point, not at the step's starting point. Add :class:`RBOCallback` to the trainer:
 
-- ``accumulate_grad_batches > 1``: Lightning does not zero the gradients inside the closure
-  between accumulated batches, so each of RBO's evaluations would add to the gradients of
-  the batches before. Accumulate inside ``training_step`` instead (see
-  ``rollingball.optim.accumulation``), under manual optimisation.
-- ``gradient_clip_val``: Lightning clips after every closure call, which changes the
-  gradient but not the loss RBO rolls on.
+- it hands the LightningModule to RBO (``RBO.model``, unless set already), so that only the
+  first closure call of a step updates the BatchNorm running statistics;
+- it logs the step's loss at its starting point and the projection's figures (below);
+- it refuses the two Trainer settings that break the closure's contract:
+  ``accumulate_grad_batches > 1`` (Lightning accumulates across batches, adding every call's
+  gradients to those of the batches before; accumulate inside ``training_step`` with
+  ``rollingball.optim.accumulation.accumulated_loss`` instead) and ``gradient_clip_val``
+  (Lightning clips after every closure call, which changes the gradient but not the loss
+  RBO rolls on).
 
-Logged per step (``on_step``): ``rbo/closure_calls``, ``rbo/projection_steps``,
-``rbo/residual``, ``rbo/converged``, and the running total ``rbo/grad_evals``.
+Logged names (``prefix`` ``rbo/``): ``rbo/loss_step`` and ``rbo/loss_epoch``, the loss at
+the starting point (``last_stats["loss"]``, the loss SGD's ``training_step`` would log) per
+step and its mean over the epoch; ``rbo/grad_evals``, the running total of closure calls;
+and ``rbo/closure_calls``, ``rbo/projection_steps``, ``rbo/residual``, ``rbo/converged``
+(the share of converged steps), each the mean over the last ``log_every_n_steps`` steps, so
+that Lightning, which writes every ``log_every_n_steps``-th step (50 by default), records a
+figure for every step.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,6 +36,8 @@ import lightning.pytorch as pl
 from rollingball.optim.rbo import RBO
 
 __all__ = ["RBOCallback"]
+
+WINDOWED = ("closure_calls", "projection_steps", "residual", "converged")
 
 
 def _rbo_optimizers(trainer: pl.Trainer) -> list[RBO]:
@@ -37,8 +49,13 @@ def _rbo_optimizers(trainer: pl.Trainer) -> list[RBO]:
     return found
 
 
+def _mean(values: Any) -> float:
+    kept = [v for v in values if not math.isnan(v)]  # a skipped step has no residual
+    return sum(kept) / len(kept) if kept else math.nan
+
+
 class RBOCallback(pl.Callback):
-    """Logs RBO's per-step figures and refuses Trainer settings that break its closure.
+    """Logs RBO's per-step figures, gives RBO the module, refuses settings that break it.
 
     Args:
         prefix: the prefix of the logged names.
@@ -48,16 +65,19 @@ class RBOCallback(pl.Callback):
     def __init__(self, prefix: str = "rbo/", prog_bar: bool = False) -> None:
         self.prefix = prefix
         self.prog_bar = prog_bar
+        self._windows: dict[int, deque[dict[str, float]]] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not _rbo_optimizers(trainer):
+        optimizers = _rbo_optimizers(trainer)
+        if not optimizers:
             return
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 "RBO calls its closure several times per step, and Lightning's "
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches} would add every "
                 "call's gradients to the earlier batches'; use accumulate_grad_batches=1 and "
-                "accumulate inside the closure (rollingball.optim.accumulation) instead"
+                "accumulate inside training_step (rollingball.optim.accumulation."
+                "accumulated_loss, see docs/scaling.md) instead"
             )
         if trainer.gradient_clip_val:
             raise ValueError(
@@ -65,6 +85,11 @@ class RBOCallback(pl.Callback):
                 "not the loss, so the ball would roll on an inconsistent landscape; remove "
                 "gradient_clip_val (a smaller lr or radius bounds the step instead)"
             )
+        for optimizer in optimizers:
+            if optimizer.model is None:
+                optimizer.model = pl_module
+        window = max(1, getattr(trainer, "log_every_n_steps", 1))  # set by Lightning at init
+        self._windows = {index: deque(maxlen=window) for index in range(len(optimizers))}
 
     def on_train_batch_end(
         self,
@@ -79,13 +104,17 @@ class RBOCallback(pl.Callback):
             if not stats:
                 continue
             prefix = self.prefix if index == 0 else f"{self.prefix}{index}/"
-            values = {
-                "closure_calls": float(stats["grad_evals"]),
-                "projection_steps": float(stats["projection_steps"]),
-                "residual": float(stats["residual"]),
-                "converged": float(stats["converged"]),
-                "grad_evals": float(optimizer.grad_evals),
-            }
+            window = self._windows.setdefault(index, deque(maxlen=1))
+            window.append(
+                {
+                    "closure_calls": float(stats["grad_evals"]),
+                    "projection_steps": float(stats["projection_steps"]),
+                    "residual": float(stats["residual"]),
+                    "converged": float(stats["converged"]),
+                }
+            )
+            values = {name: _mean(step[name] for step in window) for name in WINDOWED}
+            values["grad_evals"] = float(optimizer.grad_evals)
             for name, value in values.items():
                 pl_module.log(
                     prefix + name,
@@ -95,3 +124,10 @@ class RBOCallback(pl.Callback):
                     prog_bar=self.prog_bar and name == "closure_calls",
                     batch_size=1,
                 )
+            pl_module.log(
+                prefix + "loss",
+                float(stats["loss"]),
+                on_step=True,
+                on_epoch=True,
+                batch_size=1,
+            )

@@ -1,6 +1,6 @@
 """Optimizers: RBO, the baselines the project implements itself, and closure helpers."""
 
-from rollingball.optim.accumulation import micro_batch_closure, split_batch
+from rollingball.optim.accumulation import accumulated_loss, micro_batch_closure, split_batch
 from rollingball.optim.batchnorm import first_call_updates_batchnorm
 from rollingball.optim.entropy_sgd import EntropySGD
 from rollingball.optim.rbo import RBO, ProjectionWarning
@@ -11,6 +11,7 @@ __all__ = [
     "USAM",
     "EntropySGD",
     "ProjectionWarning",
+    "accumulated_loss",
     "first_call_updates_batchnorm",
     "micro_batch_closure",
     "split_batch",

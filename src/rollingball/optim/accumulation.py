@@ -15,6 +15,11 @@ losses). Under DistributedDataParallel, pass the wrapped ``model``: all micro-ba
 the last run under ``no_sync()``, so the gradients are all-reduced once per evaluation.
 Layers whose output depends on the batch (BatchNorm in training mode) see micro-batch
 statistics, so for them accumulation is not the same as the whole batch.
+
+Code that runs backward itself on the loss it is given (Lightning's ``training_step`` under
+automatic optimisation) uses ``accumulated_loss``: it back-propagates every micro-batch but
+the last and returns a loss whose value is the whole batch's and whose backward adds the
+last micro-batch's gradient (docs/scaling.md shows the Lightning recipe).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-__all__ = ["micro_batch_closure", "split_batch"]
+__all__ = ["accumulated_loss", "micro_batch_closure", "split_batch"]
 
 
 def split_batch(*tensors: Tensor, size: int) -> list[tuple[Tensor, ...]]:
@@ -49,6 +54,53 @@ def _size(micro_batch: Any) -> int:
             "tensor; pass weights="
         )
     return len(first)
+
+
+def _weighted(
+    micro_batches: Iterable[Any], weights: Sequence[float] | None
+) -> tuple[list[Any], list[float]]:
+    batches = list(micro_batches)
+    if not batches:
+        raise ValueError("gradient accumulation needs at least one micro-batch")
+    if weights is None:
+        sizes = [_size(b) for b in batches]
+        total = sum(sizes)
+        weights = [n / total for n in sizes]
+    elif len(weights) != len(batches):
+        raise ValueError(f"got {len(weights)} weights for {len(batches)} micro-batches")
+    return batches, [float(w) for w in weights]
+
+
+def _loss(loss_fn: Callable[..., Tensor], batch: Any) -> Tensor:
+    return loss_fn(*batch) if isinstance(batch, (tuple, list)) else loss_fn(batch)
+
+
+def accumulated_loss(
+    loss_fn: Callable[..., Tensor],
+    micro_batches: Iterable[Any],
+    *,
+    weights: Sequence[float] | None = None,
+    model: nn.Module | None = None,
+) -> Tensor:
+    """Back-propagate every micro-batch but the last; return the loss to call backward on.
+
+    The returned loss's value is the weighted loss of all micro-batches (the whole batch's),
+    and its backward adds the last micro-batch's gradient to those already in ``.grad``:
+    after ``accumulated_loss(...).backward()`` the gradients are the whole batch's. The
+    arguments are those of ``micro_batch_closure``; the earlier micro-batches run under
+    ``model.no_sync()`` if the model has it.
+    """
+    batches, factors = _weighted(micro_batches, weights)
+    no_sync = getattr(model, "no_sync", None)
+    earlier: Tensor | None = None
+    for batch, weight in zip(batches[:-1], factors[:-1], strict=True):
+        with contextlib.nullcontext() if no_sync is None else no_sync():
+            loss = _loss(loss_fn, batch)
+            (loss * weight).backward()
+        term = loss.detach() * weight
+        earlier = term if earlier is None else earlier + term
+    last = _loss(loss_fn, batches[-1]) * factors[-1]
+    return last if earlier is None else last + earlier
 
 
 def micro_batch_closure(
@@ -74,31 +126,12 @@ def micro_batch_closure(
     Each call zeroes the gradients, runs forward and backward on every micro-batch and
     returns the weighted loss, detached: the whole batch's loss.
     """
-    batches = list(micro_batches)
-    if not batches:
-        raise ValueError("micro_batch_closure needs at least one micro-batch")
-    if weights is None:
-        sizes = [_size(b) for b in batches]
-        total = sum(sizes)
-        weights = [n / total for n in sizes]
-    elif len(weights) != len(batches):
-        raise ValueError(f"got {len(weights)} weights for {len(batches)} micro-batches")
-    factors = [float(w) for w in weights]
-    no_sync = getattr(model, "no_sync", None)
+    batches, factors = _weighted(micro_batches, weights)
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        total_loss: Tensor | None = None
-        for index, (batch, weight) in enumerate(zip(batches, factors, strict=True)):
-            last = index == len(batches) - 1
-            sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
-            with sync:
-                args = batch if isinstance(batch, (tuple, list)) else (batch,)
-                loss = loss_fn(*args)
-                (loss * weight).backward()
-            term = loss.detach() * weight
-            total_loss = term if total_loss is None else total_loss + term
-        assert total_loss is not None
-        return total_loss
+        loss = accumulated_loss(loss_fn, batches, weights=factors, model=model)
+        loss.backward()
+        return loss.detach()
 
     return closure
