@@ -159,7 +159,7 @@ def h2(out: Path, tiny: bool) -> str:
     2/(η + 2ρ), USAM's to the root of ηλ(1 + ρλ) = 2.
     """
     lr = 0.5
-    steps, every = (20, 10) if tiny else (1500, 25)
+    steps, every = (20, 10) if tiny else (1200, 25)
     runs = [("gd", 0.0), ("rbo", 0.1), ("rbo", 0.25), ("usam", 0.1), ("usam", 0.25), ("rbo", 0.75)]
     if tiny:
         runs = [("gd", 0.0), ("rbo", 0.25), ("usam", 0.25)]
