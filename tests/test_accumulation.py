@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from rollingball import RBO
-from rollingball.optim.accumulation import micro_batch_closure, split_batch
+from rollingball.optim.accumulation import accumulated_loss, micro_batch_closure, split_batch
 
 
 def make_model() -> nn.Module:
@@ -101,3 +101,21 @@ def test_bad_input_is_refused() -> None:
         micro_batch_closure(opt, lambda x: x.sum(), [torch.zeros(2)], weights=[0.5, 0.5])
     with pytest.raises(ValueError, match="pass weights="):
         micro_batch_closure(opt, lambda x: x.sum(), [(torch.tensor(1.0),)])
+
+
+@pytest.mark.parametrize("size", [4, 19])
+def test_accumulated_loss_then_backward_gives_the_whole_batch(size: int) -> None:
+    model = make_model()
+    x, y = make_batch()
+
+    def loss_fn(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(xb), yb)
+
+    whole = loss_fn(x, y)
+    expected = torch.autograd.grad(whole, list(model.parameters()))
+    loss = accumulated_loss(loss_fn, split_batch(x, y, size=size))
+    assert loss.requires_grad  # the caller's backward adds the last micro-batch
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), whole.detach(), rtol=1e-12, atol=0)
+    for p, g in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-12)
