@@ -42,7 +42,8 @@ def test_gd_mode_holds_at_most_two_parameter_sized_buffers(momentum, buffers):
 
 
 @pytest.mark.parametrize("m", [1, 2, 5])
-def test_anderson_memory_is_2m_plus_5_buffers(m):
-    """Snapshot, offset, current p, m + 1 differences ΔX and ΔP each at the peak."""
+def test_anderson_memory_is_2m_plus_3_buffers(m):
+    """Snapshot, offset, p_k and p_{k+1}, the step in flight and m − 1 kept differences of
+    each kind, at the peak; the first gradient is not held once the next call replaces it."""
     memory = measure(projection_tol=0.0, anderson_memory=m)
-    assert memory.peak_buffers == pytest.approx(2 * m + 5, abs=SCALARS)
+    assert memory.peak_buffers == pytest.approx(2 * m + 3, abs=SCALARS)

@@ -22,37 +22,55 @@ except ImportError:  # a torch built without distributed support has no DTensor
 
 
 def squared_norm(tensors: list[Tensor]) -> float:
-    """‖a‖² = Σ_t ‖a_t‖², accumulated in float64."""
-    groups: dict[Any, list[Tensor]] = {}
-    for t in tensors:
-        layout, local = _local(t)
-        groups.setdefault(layout, []).append(local)
-    total = 0.0
-    for layout, local_tensors in groups.items():
-        norms = torch._foreach_norm(local_tensors)
-        total += float(_global(torch.stack([n.double() for n in norms]).square().sum(), layout))
-    return total
+    """‖a‖² = Σ_t ‖a_t‖², accumulated in float64 (one host synchronisation)."""
+    return to_host([squared_norm_device(tensors)])[0]
 
 
 def inner(a: list[Tensor], b: list[Tensor]) -> float:
     """⟨a, b⟩ = Σ_t ⟨a_t, b_t⟩, each term in its own dtype, the sum in float64."""
-    return inners([a], b)[0]
+    return to_host([inner_device(a, b)])[0]
 
 
 def inners(lefts: list[list[Tensor]], right: list[Tensor]) -> list[float]:
-    """[⟨a, b⟩ for a in lefts]: one host synchronisation (and, for DTensors, one collective
-    per layout) for all of them together."""
-    if not lefts:
+    """[⟨a, b⟩ for a in lefts]: one host synchronisation for all of them together."""
+    return to_host([inner_device(a, right) for a in lefts])
+
+
+def to_host(values: list[Tensor]) -> list[float]:
+    """Device scalars as Python floats: the step's one kind of host synchronisation, one for
+    all the values together."""
+    if not values:
         return []
+    return torch.stack([v.reshape(()).to(torch.float64) for v in values]).tolist()
+
+
+def squared_norm_device(tensors: list[Tensor]) -> Tensor:
+    """‖a‖² as a float64 scalar on the tensors' device, without a host synchronisation
+    (for DTensors: one collective per layout)."""
+    groups: dict[Any, list[Tensor]] = {}
+    for t in tensors:
+        layout, local = _local(t)
+        groups.setdefault(layout, []).append(local)
+    total: Tensor | None = None
+    for layout, local_tensors in groups.items():
+        norms = torch._foreach_norm(local_tensors)
+        part = _global(torch.stack([n.double() for n in norms]).square().sum(), layout)
+        total = part if total is None else total + part
+    return total if total is not None else torch.zeros((), dtype=torch.float64)
+
+
+def inner_device(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """⟨a, b⟩ as a float64 scalar on the tensors' device, without a host synchronisation."""
     columns: dict[Any, list[Tensor]] = {}
-    for t, y in enumerate(right):
+    for x, y in zip(a, b, strict=True):
         layout, y_local = _local(y)
-        terms = [torch.vdot(_local(a[t])[1].reshape(-1), y_local.reshape(-1)) for a in lefts]
-        columns.setdefault(layout, []).append(torch.stack([term.double() for term in terms]))
-    total = torch.zeros(len(lefts), dtype=torch.float64)
-    for layout, parts in columns.items():
-        total += _global(torch.stack(parts).sum(0), layout).cpu()
-    return total.tolist()
+        term = torch.vdot(_local(x)[1].reshape(-1), y_local.reshape(-1)).double()
+        columns.setdefault(layout, []).append(term)
+    total: Tensor | None = None
+    for layout, terms in columns.items():
+        part = _global(torch.stack(terms).sum(), layout)
+        total = part if total is None else total + part
+    return total if total is not None else torch.zeros((), dtype=torch.float64)
 
 
 def copy_(targets: list[Tensor], sources: list[Tensor]) -> None:

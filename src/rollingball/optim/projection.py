@@ -2,60 +2,93 @@
 
 The new contact point is a stationary point of
 
-    φ(x) = ½‖x − θ̃‖² + ½(f(x) − ỹ)²,   r(x) = ∇φ(x) = (x − θ̃) + (f(x) − ỹ) ∇f(x),
+    φ(x) = ½‖x − θ̃‖² + ½(f(x) − ỹ)²,   r(x) = ∇φ(x) = u + m g,
 
-found by a local solver warm-started at x₀ = θ, where r(θ) is known without a closure call.
-Every evaluation of r at a new point costs one closure call (forward + backward).
+with u = x − θ̃, m = f(x) − ỹ (the height mismatch) and g = ∇f(x), found by a local solver
+warm-started at x₀ = θ, where r(θ) is known without a closure call. Every evaluation at a new
+point costs one closure call (forward + backward). When the budget of K evaluations runs out,
+a solver still takes the step its last evaluation points to, without evaluating it (the
+"blind" last step): the evaluation would only have been needed to look further.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from rollingball.optim.geometry import inners
+from rollingball.optim.geometry import inner_device, squared_norm_device, to_host
 
 SOLVERS = ("anderson", "gd")
 
 
+class NonFinite(Exception):
+    """An evaluation produced a non-finite loss, gradient or residual."""
+
+
+@dataclass
+class Evaluation:
+    """Host scalars of one evaluation at x: m = f(x) − ỹ (the height mismatch), ‖g‖², and the
+    device reductions the solver asked for, transferred in the same synchronisation."""
+
+    mismatch: float
+    grad_sq: float
+    values: list[float] = field(default_factory=list)
+
+
+Reductions = Callable[[list[Tensor]], list[Tensor]]
+"""Device scalars a solver wants with an evaluation, computed from the new gradient g."""
+
+
 class ProjectionProblem(Protocol):
-    """What a solver sees: the iterate x (the parameters) and residual evaluations."""
+    """What a solver sees: the iterate x (the parameters), u = x − θ̃, the gradient g at the
+    last evaluated point (in `.grad`; the next closure call replaces it) and evaluations."""
 
-    def move(self, direction: list[Tensor], alpha: float = 1.0) -> None:
-        """x ← x + α·direction."""
+    params: list[Tensor]
+    offset: list[Tensor]
+    grads: list[Tensor]
 
-    phi_noise: float
-    """The round-off level of the last φ: changes of φ below it are noise."""
+    def start(self, reductions: Reductions) -> Evaluation:
+        """The evaluation at x₀ = θ, known without a closure call."""
 
-    def evaluate(self, newton: bool) -> tuple[list[Tensor], float, float]:
-        """(direction, ‖r(x)‖, φ(x)) at the current x; direction is r(x), or with `newton`
-        the Gauss–Newton direction (I + ∇f ∇fᵀ)⁻¹ r(x) in a new buffer of its own.
+    def evaluate(self, reductions: Reductions) -> Evaluation:
+        """One closure call at the current x."""
 
-        The first call answers for x₀ = θ without a closure call; every later call costs one.
-        The direction may live in the parameters' `.grad` tensors, which the next call reuses.
-        """
+    def phi_noise(self, mismatch: float, phi: float) -> float:
+        """The round-off level of φ at a point with this mismatch: changes below it are noise."""
 
 
 @dataclass
 class ProjectionResult:
-    """Outcome of one projection: iterations and the residual norms at start and end."""
+    """Outcome of one projection: evaluated trial points, the residual norms at the start and
+    at the last evaluated point, rejected trial points, and whether a blind last step was
+    taken."""
 
     steps: int
     initial_norm: float
     final_norm: float
     safeguard_steps: int = 0
+    blind_step: bool = False
+
+
+def _no_reductions(grads: list[Tensor]) -> list[Tensor]:
+    return []
 
 
 @dataclass
 class GradientDescentProjection:
-    """The authors' scheme: x_{k+1} = x_k − γ r(x_k), at most K iterations.
+    """The authors' scheme: x_{k+1} = x_k − γ r(x_k), K iterations from x₀ = θ.
 
-    Stops early when ‖r(x)‖ ≤ tol·‖r(θ)‖. With tol = 0 it runs all K iterations and skips
-    the pointless evaluation after the last one: K closure calls per optimizer step in all,
-    where a scheme that re-evaluates r(θ) spends K + 1. Extra memory: none.
+    r = u + m g is formed in the `.grad` tensors; x and u move by −γ r. r(θ) is free, and the K-th
+    iteration is taken blind (r(x_K) would only decide a step that is not taken), so a step
+    costs at most K closure calls where the authors' code spends K + 1. With tol > 0 it stops
+    when ‖r(x)‖ ≤ tol·‖r(θ)‖; with tol = 0 it reproduces the authors' update, and ‖r‖ is only
+    measured at θ and at the last evaluated point. Extra memory: none beyond u.
     """
 
     max_steps: int
@@ -63,35 +96,81 @@ class GradientDescentProjection:
     tol: float
 
     def solve(self, problem: ProjectionProblem) -> ProjectionResult:
-        residual, initial, _ = problem.evaluate(newton=False)
-        norm, steps = initial, 0
-        while steps < self.max_steps and norm > self.tol * initial:
-            problem.move(residual, -self.step_size)
-            steps += 1
-            if self.tol == 0 and steps == self.max_steps:
-                break
-            residual, norm, _ = problem.evaluate(newton=False)
-        return ProjectionResult(steps, initial, norm)
+        x, offset, gamma = problem.params, problem.offset, self.step_size
+        evaluation = problem.start(_no_reductions)
+        initial = norm = math.inf
+        moves = 0
+        while True:
+            residual = problem.grads  # r = u + m g, in place
+            torch._foreach_mul_(residual, evaluation.mismatch)
+            torch._foreach_add_(residual, offset)
+            if self.tol > 0 or moves in (0, self.max_steps - 1):
+                norm = math.sqrt(to_host([squared_norm_device(residual)])[0])
+                if not math.isfinite(norm):
+                    raise NonFinite("non-finite projection residual")
+                initial = norm if moves == 0 else initial
+                if norm <= self.tol * initial:
+                    return ProjectionResult(moves, initial, norm)
+            torch._foreach_add_(x, residual, alpha=-gamma)
+            torch._foreach_add_(offset, residual, alpha=-gamma)
+            moves += 1
+            if moves == self.max_steps:
+                return ProjectionResult(moves - 1, initial, norm, blind_step=True)
+            del residual
+            evaluation = problem.evaluate(_no_reductions)
+
+
+@dataclass
+class _Point:
+    """An evaluated point as the Anderson solver sees it: m, ‖g‖², ⟨g, u⟩, ‖u‖²."""
+
+    mismatch: float
+    grad_sq: float
+    grad_offset: float
+    offset_sq: float
+
+    @property
+    def phi(self) -> float:
+        """φ = ½(‖u‖² + m²)."""
+        return 0.5 * (self.offset_sq + self.mismatch**2)
+
+    @property
+    def newton_shift(self) -> float:
+        """c in p = (I + g gᵀ)⁻¹ r = u + c g (Sherman–Morrison): c = (m − ⟨g, u⟩)/(1 + ‖g‖²)."""
+        return (self.mismatch - self.grad_offset) / (1.0 + self.grad_sq)
+
+    def residual_norm(self, newton_sq: float) -> float:
+        """‖r‖ from ‖p‖² without cancellation: r = (I + g gᵀ) p, so
+        ‖r‖² = ‖p‖² + ⟨g, p⟩²(2 + ‖g‖²), with ⟨g, p⟩ = (⟨g, u⟩ + m‖g‖²)/(1 + ‖g‖²)."""
+        g_p = (self.grad_offset + self.mismatch * self.grad_sq) / (1.0 + self.grad_sq)
+        return math.sqrt(max(newton_sq, 0.0) + g_p**2 * (2.0 + self.grad_sq))
 
 
 @dataclass
 class AndersonProjection:
-    """Anderson-accelerated Gauss–Newton iteration, with a safeguard.
+    """Anderson-accelerated Gauss–Newton iteration, with a safeguard and a blind last step.
 
-    φ is a least-squares problem whose Gauss–Newton matrix is I + g gᵀ (g = ∇f(x)), so the
-    fixed-point map is G(x) = x − γ p(x), p = (I + g gᵀ)⁻¹ r (Sherman–Morrison: one inner
-    product). One such step from θ is exactly the gradient step θ − η g when ρ = 0, and the
-    exact projection for an affine f. With the last m differences ΔX_j = x_{j+1} − x_j and
-    ΔP_j = p_{j+1} − p_j,
-        α = argmin_α ‖p_k − ΔP α‖,   x_{k+1} = x_k − ΔX α − γ (p_k − ΔP α).
-    Safeguard: an iterate with φ(x_{k+1}) > φ(x_k) (beyond round-off) is rejected; the solver
-    goes back to x_k, forgets its history and takes the plain step x_k − γ p_k instead, halving
-    γ each time a plain step is rejected. So φ never increases: the solver descends to a local
-    minimum of φ (a locally nearest point), never to a saddle of φ, which a bare fixed-point
-    iteration can converge to when the ball is larger than the landscape's curvature radius.
-    Stops when ‖r(x)‖ ≤ tol·‖r(θ)‖; every trial point costs one closure call, at most K.
-    Extra memory: 2m + 3 parameter-sized buffers at the peak (m + 1 differences of each kind
-    and the current p), besides the two every step holds (the snapshot and u = x − θ̃).
+    φ is a least-squares problem whose Gauss–Newton matrix is I + g gᵀ, so the fixed-point
+    map is G(x) = x − γ p(x), p = (I + g gᵀ)⁻¹ r = u + c g. One such step from θ is exactly
+    the gradient step θ − η g (and the exact projection for an affine f). With the last m
+    differences ΔX_j = x_{j+1} − x_j and D_j = p_j − p_{j+1},
+        α = argmin_α ‖p_k + D α‖,   x_{k+1} = x_k − ΔX α − γ (p_k + D α).
+    Safeguard: a trial point with φ(x_{k+1}) > φ(x_k) (beyond round-off) is rejected; the solver
+    goes back to x_k, forgets its history and takes the plain step x_k − γ p_k, halving γ each
+    time a plain step is rejected. φ never increases over evaluated points: the solver descends
+    to a local minimum of φ, never to a saddle.
+
+    Blind last step: after the K-th evaluation, if the residual is still above the tolerance
+    and that trial point was accepted, the next step δ is taken without evaluating it when
+    (1) the Gauss–Newton model of φ predicted the last step δ_last well: the observed φ within
+    `trust`·(predicted decrease) of the model's φ̂ (to first order the relative error is ρλ,
+    the ball against the curvature along the step); (2) the iteration contracts:
+    ‖δ‖ ≤ `contraction`·‖δ_last‖; and (3) the model, charged twice the last step's model
+    error scaled by (‖δ‖/‖δ_last‖)², still predicts that φ decreases.
+
+    Stops when ‖r(x)‖ ≤ tol·‖r(θ)‖. Two host synchronisations per evaluated trial point.
+    Extra memory at the peak: 2m + 1 parameter-sized buffers (p, m differences of each kind,
+    the step being built), besides the two every step holds (the snapshot and u).
     """
 
     max_steps: int
@@ -99,71 +178,182 @@ class AndersonProjection:
     tol: float
     memory: int
     regularization: float = 1e-10
+    trust: float = 0.5
+    contraction: float = 0.5
 
     def solve(self, problem: ProjectionProblem) -> ProjectionResult:
-        previous, initial, phi_current = problem.evaluate(newton=True)
-        history = _History(self.memory)
-        norm, calls, safeguards, step_size = initial, 0, 0, self.step_size
-        while calls < self.max_steps and norm > self.tol * initial:
+        point = self._point(problem.start(self._reductions(problem, [])))
+        history = _History()
+        newton = self._newton(problem, point)
+        norm, products = self._reduce(point, newton, history)
+        initial = norm
+        calls, safeguards, step_size = 0, 0, self.step_size
+        previous: _Point | None = None  # the point before the last accepted trial
+        check: list[float] = []  # ⟨g, δ⟩ and ‖δ‖² of the step to the last evaluated point
+        while norm > self.tol * initial:
+            step = self._step(newton, history, products, step_size)
+            if calls == self.max_steps:
+                blind = previous is not None and self._blind_is_safe(
+                    problem, previous, point, check, step
+                )
+                if blind:
+                    self._move(problem, step)
+                return ProjectionResult(calls, initial, norm, safeguards, blind)
             accelerated = bool(history.x_steps)
-            step = self._step(previous, history, step_size)
-            problem.move(step)
-            direction, new_norm, phi = problem.evaluate(newton=True)
+            last = calls + 1 == self.max_steps  # its evaluation decides the blind step
+            along = [inner_device(problem.grads, step), squared_norm_device(step)] if last else []
+            self._move(problem, step)
+            evaluation = problem.evaluate(self._reductions(problem, along))
+            trial = self._point(evaluation)
             calls += 1
-            if phi > phi_current + problem.phi_noise:  # reject: back to x_k (p_k = `previous`)
-                problem.move(step, -1.0)
+            if trial.phi > point.phi + problem.phi_noise(trial.mismatch, trial.phi):
+                self._move(problem, step, -1.0)  # rejected: back to x_k
                 history.clear()
                 safeguards += 1
                 if not accelerated:
                     step_size /= 2
+                previous, products = None, products[:1]
                 continue
-            torch._foreach_neg_(previous)  # becomes ΔP = p_{k+1} − p_k in place
-            torch._foreach_add_(previous, direction)
-            history.append(step, previous)
-            previous, norm, phi_current = direction, new_norm, phi
+            new_newton = self._newton(problem, trial)
+            torch._foreach_sub_(newton, new_newton)  # becomes D = p_k − p_{k+1} in place
+            history.append(step, newton)
+            previous, point, newton, check = point, trial, new_newton, evaluation.values[2:]
+            norm, products = self._reduce(point, newton, history)
         return ProjectionResult(calls, initial, norm, safeguards)
 
-    def _step(self, direction: list[Tensor], history: _History, step_size: float) -> list[Tensor]:
-        """δ = −ΔX α − γ (p − ΔP α), α from the regularised normal equations of ‖p − ΔP α‖."""
-        step = list(torch._foreach_mul(direction, -step_size))
+    @staticmethod
+    def _reductions(problem: ProjectionProblem, along: list[Tensor]) -> Reductions:
+        """⟨g, u⟩ and ‖u‖² at the new point, with the precomputed scalars `along`."""
+        offset = problem.offset
+        return lambda grads: [inner_device(grads, offset), squared_norm_device(offset), *along]
+
+    @staticmethod
+    def _point(evaluation: Evaluation) -> _Point:
+        grad_offset, offset_sq = evaluation.values[:2]
+        return _Point(evaluation.mismatch, evaluation.grad_sq, grad_offset, offset_sq)
+
+    @staticmethod
+    def _move(problem: ProjectionProblem, step: list[Tensor], alpha: float = 1.0) -> None:
+        torch._foreach_add_(problem.params, step, alpha=alpha)
+        torch._foreach_add_(problem.offset, step, alpha=alpha)
+
+    @staticmethod
+    def _newton(problem: ProjectionProblem, point: _Point) -> list[Tensor]:
+        """p = u + c g, in a new buffer (the next closure call may reuse `.grad`)."""
+        return list(torch._foreach_add(problem.offset, problem.grads, alpha=point.newton_shift))
+
+    @staticmethod
+    def _reduce(
+        point: _Point, newton: list[Tensor], history: _History
+    ) -> tuple[float, list[float]]:
+        """One synchronisation: ‖p‖², the new Gram row ⟨D_i, D_new⟩ and the right-hand side
+        ⟨D_i, p⟩. Returns (‖r‖, [‖p‖², *right-hand side])."""
+        values = [squared_norm_device(newton)]
+        size = len(history.d_steps)
+        if size:
+            values += [inner_device(d, history.d_steps[-1]) for d in history.d_steps]
+            values += [inner_device(d, newton) for d in history.d_steps]
+        host = to_host(values)
+        norm = point.residual_norm(host[0])
+        if not math.isfinite(norm):
+            raise NonFinite("non-finite projection residual")
+        if size:
+            history.add_gram_row(host[1 : 1 + size])
+        return norm, [host[0], *host[1 + size :]]
+
+    def _step(
+        self,
+        newton: list[Tensor],
+        history: _History,
+        products: list[float],
+        step_size: float,
+    ) -> list[Tensor]:
+        """δ = −ΔX α − γ (p + D α), α from the regularised normal equations of ‖p + D α‖."""
         if not history.x_steps:
-            return step
-        m = len(history.p_steps)
-        gram = torch.tensor(history.gram, dtype=torch.float64)
-        rhs = torch.tensor(inners(history.p_steps, direction), dtype=torch.float64)
+            return list(torch._foreach_mul(newton, -step_size))
+        gram = np.array(history.gram, dtype=np.float64)
+        rhs = -np.array(products[1:], dtype=np.float64)
         ridge = self.regularization * float(gram.diagonal().max()) + 1e-300
-        alpha = torch.linalg.solve(gram + ridge * torch.eye(m, dtype=torch.float64), rhs)
-        for a, dx, dp in zip(alpha.tolist(), history.x_steps, history.p_steps, strict=True):
+        alpha = np.linalg.solve(gram + ridge * np.eye(len(rhs)), rhs).tolist()
+        if len(history.x_steps) == self.memory:  # the oldest leaves the window: δ in its buffer
+            step, d_oldest = history.pop_oldest()
+            torch._foreach_mul_(step, -alpha[0])
+            torch._foreach_add_(step, d_oldest, alpha=-step_size * alpha[0])
+            torch._foreach_add_(step, newton, alpha=-step_size)
+            del d_oldest
+            alpha = alpha[1:]
+        else:
+            step = list(torch._foreach_mul(newton, -step_size))
+        for a, dx, d in zip(alpha, history.x_steps, history.d_steps, strict=True):
             torch._foreach_add_(step, dx, alpha=-a)
-            torch._foreach_add_(step, dp, alpha=step_size * a)
+            torch._foreach_add_(step, d, alpha=-step_size * a)
         return step
+
+    def _blind_is_safe(
+        self,
+        problem: ProjectionProblem,
+        before: _Point,
+        point: _Point,
+        check: list[float],
+        step: list[Tensor],
+    ) -> bool:
+        """Trust the Gauss–Newton model for one more, unevaluated step (see the class doc).
+
+        On the last step, from x_{k−1} to x_k, the model predicted
+        φ̂ = ½‖u_k‖² + ½(m_{k−1} + ⟨g_{k−1}, δ_last⟩)²; at x_k it predicts for the blind step
+        φ_GN = ½‖u + δ‖² + ½(m + ⟨g, δ⟩)². One host synchronisation.
+        """
+        linear, last_sq = check
+        predicted = 0.5 * point.offset_sq + 0.5 * (before.mismatch + linear) ** 2
+        decrease = before.phi - predicted
+        if not decrease > problem.phi_noise(point.mismatch, point.phi):
+            return False
+        if abs(point.phi - predicted) > self.trust * decrease:
+            return False
+        offset_step, grad_step, step_sq = to_host(
+            [
+                inner_device(problem.offset, step),
+                inner_device(problem.grads, step),
+                squared_norm_device(step),
+            ]
+        )
+        if step_sq > (self.contraction**2) * last_sq:
+            return False
+        model = 0.5 * (point.offset_sq + 2 * offset_step + step_sq)
+        model += 0.5 * (point.mismatch + grad_step) ** 2
+        # the model's error on the last step, scaled like a curvature term, with a margin of 2
+        error = 2 * abs(point.phi - predicted) * step_sq / last_sq
+        return model + error < point.phi
 
 
 class _History:
-    """The last m differences ΔX_j, ΔP_j and the Gram matrix ⟨ΔP_i, ΔP_j⟩, kept up to date
-    with m new inner products per iteration instead of m²."""
+    """The last differences ΔX_j, D_j and their Gram matrix ⟨D_i, D_j⟩ (the new row comes
+    with the solver's synchronisation)."""
 
-    def __init__(self, memory: int) -> None:
-        self.memory = memory
+    def __init__(self) -> None:
         self.x_steps: list[list[Tensor]] = []
-        self.p_steps: list[list[Tensor]] = []
+        self.d_steps: list[list[Tensor]] = []
         self.gram: list[list[float]] = []
 
-    def append(self, dx: list[Tensor], dp: list[Tensor]) -> None:
-        if len(self.x_steps) == self.memory:
-            del self.x_steps[0], self.p_steps[0], self.gram[0]
-            for row in self.gram:
-                del row[0]
-        products = inners([*self.p_steps, dp], dp)
+    def append(self, dx: list[Tensor], d: list[Tensor]) -> None:
+        self.x_steps.append(dx)
+        self.d_steps.append(d)
+
+    def add_gram_row(self, products: list[float]) -> None:
+        """⟨D_i, D_new⟩ for every kept D_i, the new one last."""
         for row, product in zip(self.gram, products, strict=False):
             row.append(product)
-        self.gram.append(products)
-        self.x_steps.append(dx)
-        self.p_steps.append(dp)
+        self.gram.append(list(products))
+
+    def pop_oldest(self) -> tuple[list[Tensor], list[Tensor]]:
+        del self.gram[0]
+        for row in self.gram:
+            del row[0]
+        return self.x_steps.pop(0), self.d_steps.pop(0)
 
     def clear(self) -> None:
         self.x_steps.clear()
-        self.p_steps.clear()
+        self.d_steps.clear()
         self.gram.clear()
 
 

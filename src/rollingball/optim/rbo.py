@@ -17,6 +17,7 @@ import math
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,11 +29,12 @@ from rollingball.optim.batchnorm import first_call_updates_batchnorm
 from rollingball.optim.closure import StepClosure
 from rollingball.optim.geometry import (
     copy_,
-    inner,
+    inner_device,
     slope_factor,
-    squared_norm,
+    squared_norm_device,
+    to_host,
 )
-from rollingball.optim.projection import SOLVERS, make_solver
+from rollingball.optim.projection import SOLVERS, Evaluation, NonFinite, Reductions, make_solver
 
 Closure = Callable[[], Any]
 
@@ -59,8 +61,7 @@ class ProjectionWarning(UserWarning):
     """Many recent RBO steps ended far from the contact point the projection looks for."""
 
 
-class _NonFinite(Exception):
-    """A closure call produced a non-finite loss or gradient."""
+_NonFinite = NonFinite  # a closure call produced a non-finite loss or gradient
 
 
 def _require(condition: bool, message: str) -> None:
@@ -132,35 +133,51 @@ class _Landscape:
     def calls(self) -> int:
         return self.closure.calls
 
-    def evaluate(self) -> tuple[Any, float, list[list[Tensor]]]:
-        """One closure call: (the closure's loss, f(x), the per-group ∇f(x) in `.grad`)."""
+    def evaluate(self, reductions: Reductions | None = None) -> _Evaluated:
+        """One closure call: the closure's loss, f(x), the per-group ∇f(x) in `.grad`, ‖∇f‖²
+        and the caller's device `reductions` of the flat gradient, all transferred to the
+        host in one synchronisation."""
         loss = self.closure()
         if self.calls == 1:  # as in torch.optim, a parameter with no gradient at θ sits out
             self.params = [[p for p in params if p.grad is not None] for params in self.params]
-        value = self._reduced(loss)
         grads = [[self._grad(p) for p in params] for params in self.params]
-        if not math.isfinite(value):
-            raise _NonFinite(f"non-finite loss {value} at closure call {self.calls}")
-        value *= self.sign
+        scalars = [self._reduced(loss)]
+        decays = []
         for group, params, group_grads in zip(self.groups, self.params, grads, strict=True):
             if self.sign < 0:
                 torch._foreach_neg_(group_grads)
             decay = group["weight_decay"]
             if decay:
-                value += 0.5 * decay * squared_norm(params)
+                decays.append(decay)
+                scalars.append(squared_norm_device(params))
                 torch._foreach_add_(group_grads, params, alpha=decay)
             if self.scale != 1.0:
                 torch._foreach_mul_(group_grads, self.scale)
-        return loss, value * self.scale, grads
+        flat = _flat(grads)
+        scalars.append(squared_norm_device(flat))
+        if reductions is not None:
+            scalars += reductions(flat)
+        host = to_host(scalars)
+        value = host[0]
+        if not math.isfinite(value):
+            raise _NonFinite(f"non-finite loss {value} at closure call {self.calls}")
+        value *= self.sign
+        value += sum(0.5 * d * norm_sq for d, norm_sq in zip(decays, host[1:], strict=False))
+        grad_sq = host[1 + len(decays)]
+        if not math.isfinite(grad_sq):
+            raise _NonFinite(f"non-finite gradient at closure call {self.calls}")
+        return _Evaluated(loss, value * self.scale, grads, grad_sq, host[2 + len(decays) :])
 
-    def _reduced(self, loss: Any) -> float:
-        """The loss as a float, averaged over the process group when training is distributed."""
-        if self.process_group is None:
-            return _as_float(loss)
+    def _reduced(self, loss: Any) -> Tensor:
+        """The loss as a float64 scalar on its device, averaged over the process group when
+        training is distributed."""
         device = next(p for params in self.params for p in params).device  # NCCL needs GPU
-        total = torch.as_tensor(loss, device=device).detach().reshape(()).to(torch.float64).clone()
+        total = torch.as_tensor(loss, device=device).detach().reshape(()).to(torch.float64)
+        if self.process_group is None:
+            return total
+        total = total.clone()
         dist.all_reduce(total, group=self.process_group)
-        return float(total) / dist.get_world_size(self.process_group)
+        return total / dist.get_world_size(self.process_group)
 
     @staticmethod
     def _grad(param: Tensor) -> Tensor:
@@ -175,13 +192,23 @@ class _Landscape:
         return grad
 
 
+@dataclass
+class _Evaluated:
+    """One closure call seen by the step: the closure's loss, f(x), the per-group ∇f(x), ‖∇f‖²
+    and the values of the caller's reductions."""
+
+    loss: Any
+    value: float
+    grads: list[list[Tensor]]
+    grad_sq: float
+    values: list[float]
+
+
 class _Projection:
     """The problem a projection solver sees (see `projection.ProjectionProblem`).
 
-    It caches the offset u = x − θ̃, which stays small and exact as x moves, and the
-    height mismatch f(x) − ỹ = (f(x) − f(θ)) − h with h = ỹ − f(θ) = ρ/s − Σ η⟨g, v⟩.
-    Residual r(x) = u + (f(x) − ỹ) g, written into the `.grad` tensors; Gauss–Newton
-    direction (I + g gᵀ)⁻¹ r = u + g (f(x) − ỹ − ⟨g, u⟩)/(1 + ‖g‖²), in a new buffer.
+    It caches the offset u = x − θ̃, which stays small and exact as x moves, and the height
+    mismatch m = f(x) − ỹ = (f(x) − f(θ)) − h with h = ỹ − f(θ) = ρ/s − Σ η⟨g, v⟩.
     """
 
     def __init__(
@@ -189,45 +216,34 @@ class _Projection:
         landscape: _Landscape,
         params: list[Tensor],
         offset: list[Tensor],
-        start: tuple[float, list[Tensor]],
+        first: _Evaluated,
         lift: float,
     ) -> None:
         self.landscape = landscape
         self.params = params
         self.offset = offset
-        self.start_loss = start[0]
-        self.pending: tuple[float, list[Tensor]] | None = start
+        self.grads = _flat(first.grads)
+        first.grads = []  # handed over: see RBO._roll
+        self.start_value = first.value
+        self.start_grad_sq = first.grad_sq
         self.lift = lift
-        self.phi_noise = 0.0
+        self.eps = torch.finfo(params[0].dtype).eps
 
-    def move(self, direction: list[Tensor], alpha: float = 1.0) -> None:
-        torch._foreach_add_(self.params, direction, alpha=alpha)
-        torch._foreach_add_(self.offset, direction, alpha=alpha)
+    def start(self, reductions: Reductions) -> Evaluation:
+        return Evaluation(-self.lift, self.start_grad_sq, to_host(reductions(self.grads)))
 
-    def evaluate(self, newton: bool) -> tuple[list[Tensor], float, float]:
-        if self.pending is None:
-            _, value, grads = self.landscape.evaluate()
-            grad = _flat(grads)
-        else:
-            (value, grad), self.pending = self.pending, None
-        mismatch = (value - self.start_loss) - self.lift
-        direction = None
-        if newton:
-            shift = (mismatch - inner(grad, self.offset)) / (1.0 + squared_norm(grad))
-            direction = list(torch._foreach_add(self.offset, grad, alpha=shift))
-        torch._foreach_mul_(grad, mismatch)
-        torch._foreach_add_(grad, self.offset)
-        norm = math.sqrt(squared_norm(grad))
-        if not math.isfinite(norm):
-            raise _NonFinite(f"non-finite gradient at closure call {self.landscape.calls}")
-        if direction is None:
-            return grad, norm, math.nan  # plain iterations need no φ
-        phi = 0.5 * (squared_norm(self.offset) + mismatch**2)
-        # round-off of φ: relative eps on φ itself, and on the terms the mismatch is made of
-        eps = torch.finfo(self.params[0].dtype).eps
-        heights = abs(value) + abs(self.start_loss) + abs(self.lift)
-        self.phi_noise = 4 * eps * (phi + abs(mismatch) * heights)
-        return direction, norm, phi
+    def evaluate(self, reductions: Reductions) -> Evaluation:
+        self.grads = []  # the closure may replace the `.grad` tensors
+        evaluated = self.landscape.evaluate(reductions)
+        self.grads = _flat(evaluated.grads)
+        mismatch = (evaluated.value - self.start_value) - self.lift
+        return Evaluation(mismatch, evaluated.grad_sq, evaluated.values)
+
+    def phi_noise(self, mismatch: float, phi: float) -> float:
+        """Relative round-off on φ itself and on the heights the mismatch is made of."""
+        value = mismatch + self.start_value + self.lift
+        heights = abs(value) + abs(self.start_value) + abs(self.lift)
+        return 4 * self.eps * (phi + abs(mismatch) * heights)
 
 
 class RBO(Optimizer):
@@ -378,12 +394,9 @@ class RBO(Optimizer):
         snapshot = [p.clone() for p in _flat(params)] if settings["radius"] else None
         loss: Any = None
         try:
-            loss, value, grads = landscape.evaluate()
-            active = landscape.params
-            grad_sq = squared_norm(_flat(grads))
-            if not math.isfinite(grad_sq):
-                raise _NonFinite(f"non-finite gradient at closure call {landscape.calls}")
-            directions = self._tangent_directions(active, grads)
+            first = landscape.evaluate()
+            loss, active = first.loss, landscape.params
+            directions = self._tangent_directions(active, first.grads)
             if settings["radius"] == 0:
                 for group, group_params, v in zip(groups, active, directions, strict=True):
                     torch._foreach_add_(group_params, v, alpha=-group["lr"])
@@ -392,9 +405,10 @@ class RBO(Optimizer):
                     "safeguard_steps": 0,
                     "residual": 0.0,
                     "converged": True,
+                    "blind_step": False,
                 }
             else:
-                stats = self._roll(landscape, settings, active, grads, directions, value, grad_sq)
+                stats = self._roll(landscape, settings, active, first, directions)
         except BaseException as error:  # a bad value, a bad closure, Ctrl-C: nothing is lost
             if snapshot is not None:
                 copy_(_flat(params), snapshot)
@@ -497,21 +511,31 @@ class RBO(Optimizer):
         landscape: _Landscape,
         settings: dict[str, Any],
         params: list[list[Tensor]],
-        grads: list[list[Tensor]],
+        first: _Evaluated,
         directions: list[list[Tensor]],
-        value: float,
-        grad_sq: float,
     ) -> dict[str, Any]:
-        """Seat the ball, move its centre along the tangent, project it back onto the graph."""
+        """Seat the ball, move its centre along the tangent, project it back onto the graph.
+
+        The first gradient is handed over to the solver (`first.grads` and the directions of
+        groups without momentum are emptied), so that no reference keeps it alive once the
+        next closure call replaces the `.grad` tensors.
+        """
         radius = settings["radius"]
-        s = slope_factor(grad_sq)
+        s = slope_factor(first.grad_sq)
         offset: list[Tensor] = []  # u = θ − θ̃ = ρ g/s + η v
-        lift = radius / s  # h = ỹ − f(θ) = ρ/s − Σ η ⟨g, v⟩
-        for group, g, v in zip(self.param_groups, grads, directions, strict=True):
+        tangent = []  # ⟨g, v⟩ per group
+        for group, g, v in zip(self.param_groups, first.grads, directions, strict=True):
             u = list(torch._foreach_mul(g, radius / s))
             torch._foreach_add_(u, v, alpha=group["lr"])
             offset.extend(u)
-            lift -= group["lr"] * (squared_norm(g) if v is g else inner(g, v))
+            tangent.append(squared_norm_device(g) if v is g else inner_device(g, v))
+        lrs = [group["lr"] for group in self.param_groups]
+        lift = radius / s - sum(  # h = ỹ − f(θ) = ρ/s − Σ η ⟨g, v⟩
+            lr * product for lr, product in zip(lrs, to_host(tangent), strict=True)
+        )
+        for index, group in enumerate(self.param_groups):
+            if group["momentum"] == 0:
+                directions[index] = []
         solver = make_solver(
             settings["projection"],
             settings["projection_steps"],
@@ -519,7 +543,7 @@ class RBO(Optimizer):
             settings["projection_tol"],
             settings["anderson_memory"],
         )
-        problem = _Projection(landscape, _flat(params), offset, (value, _flat(grads)), lift)
+        problem = _Projection(landscape, _flat(params), offset, first, lift)
         result = solver.solve(problem)
         norm = result.initial_norm
         relative = result.final_norm / norm if norm > 0 else 0.0
@@ -528,6 +552,7 @@ class RBO(Optimizer):
             "safeguard_steps": result.safeguard_steps,
             "residual": relative,
             "converged": relative <= settings["projection_tol"],
+            "blind_step": result.blind_step,
         }
 
 

@@ -1,0 +1,262 @@
+"""A projection on a budget: the blind last step, its safety rule, and the step's cost in
+closure calls and host synchronisations."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from rollingball import RBO
+
+
+def phi(f, x: torch.Tensor, centre: torch.Tensor, height: float) -> float:
+    """φ(x) = ½‖x − θ̃‖² + ½(f(x) − ỹ)², computed independently of the optimizer."""
+    with torch.no_grad():
+        return 0.5 * float((x - centre).square().sum()) + 0.5 * (float(f(x)) - height) ** 2
+
+
+def moved_centre(f, theta: torch.Tensor, lr: float, radius: float) -> tuple[torch.Tensor, float]:
+    x = theta.detach().clone().requires_grad_(True)
+    value = f(x)
+    (g,) = torch.autograd.grad(value, x)
+    value = value.detach()
+    s = math.sqrt(1 + float(g @ g))
+    return theta - radius * g / s - lr * g, float(value) + radius / s - lr * float(g @ g)
+
+
+def roll_once(f, theta: torch.Tensor, **options) -> tuple[RBO, torch.Tensor, list[torch.Tensor]]:
+    """One RBO step from θ; returns the optimizer, the new point and every evaluated point."""
+    x = theta.detach().clone().requires_grad_(True)
+    opt = RBO([x], **options)
+    points = []
+
+    def closure():
+        points.append(x.detach().clone())
+        opt.zero_grad()
+        loss = f(x)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return opt, x.detach(), points
+
+
+def smooth_bowl(curvature: list[float], quartic: float, bump: float, width: float, at: list[float]):
+    """½ Σ λ_i x_i² + q/4 Σ x_i⁴ + b exp(−‖x − c‖²/2w²): curvatures from −1 to 8, so that balls
+    up to ρ = 3 reach ρλ ≈ 24, on a landscape whose curvature varies on scales ≥ 0.5."""
+    scale = torch.tensor(curvature, dtype=torch.float64)
+    centre = torch.tensor(at, dtype=torch.float64)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        well = torch.exp(-(x - centre).square().sum() / (2 * width**2))
+        return 0.5 * (scale * x * x).sum() + 0.25 * quartic * (x**4).sum() + bump * well
+
+    return f
+
+
+pairs = st.lists(st.floats(-2.0, 2.0), min_size=2, max_size=2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    dim=st.integers(1, 2),
+    curvature=st.lists(st.floats(-1.0, 8.0), min_size=2, max_size=2),
+    quartic=st.floats(0.0, 1.0),
+    bump=st.floats(-2.0, 2.0),
+    width=st.floats(0.5, 2.0),
+    at=pairs,
+    start=pairs,
+    lr=st.floats(0.01, 1.5),
+    radius=st.floats(0.01, 3.0),
+    budget=st.integers(1, 4),
+    memory=st.integers(1, 3),
+)
+def test_the_blind_step_never_moves_the_ball_further_from_the_graph(
+    dim, curvature, quartic, bump, width, at, start, lr, radius, budget, memory
+):
+    """When the solver takes its last step blind, φ at the new point is no larger than at the
+    last evaluated point: the step it did not pay for never makes the projection worse, for
+    balls far larger than the landscape's radius of curvature too."""
+    f = smooth_bowl(curvature[:dim], quartic, bump, width, at[:dim])
+    theta = torch.tensor(start[:dim], dtype=torch.float64)
+    opt, x, points = roll_once(
+        f,
+        theta,
+        lr=lr,
+        radius=radius,
+        projection_steps=budget,
+        projection_tol=1e-10,
+        anderson_memory=memory,
+    )
+    assert opt.last_stats["grad_evals"] == len(points)
+    if opt.last_stats["blind_step"]:
+        centre, height = moved_centre(f, theta, lr, radius)
+        last = phi(f, points[-1], centre, height)
+        assert phi(f, x, centre, height) <= last * (1 + 1e-12) + 1e-15
+
+
+def digits_gelu_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A GELU MLP 64-64-64-64-10 on 256 scikit-learn digits, float64, after 60 SGD steps."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data[:256] / 16.0)
+    y = torch.tensor(digits.target[:256])
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for width_in in (64, 64, 64):
+        layers += [nn.Linear(width_in, 64), nn.GELU()]
+    model = nn.Sequential(*layers, nn.Linear(64, 10)).double()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(60):
+        sgd.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sgd.step()
+    return model, x, y
+
+
+def step_from(model: nn.Module, x, y, **options) -> tuple[torch.Tensor, dict]:
+    model = copy.deepcopy(model)
+    opt = RBO(model.parameters(), **options)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), opt.last_stats
+
+
+@pytest.mark.parametrize(
+    ("lr", "radius", "one_call", "two_calls"),
+    [
+        (0.5, 0.1, 0.02, 0.002),
+        (2.0, 0.1, 0.02, 0.002),
+        (2.0, 0.3, 0.05, 0.005),
+    ],
+)
+def test_one_projection_call_lands_near_the_contact_point_not_on_sgds(
+    lr, radius, one_call, two_calls
+):
+    """projection_steps=1 costs 2 closure calls and, with its blind step, lands a few percent
+    of SGD's distance from the exact contact point; 2 projection calls land within 0.5%."""
+    model, x, y = digits_gelu_mlp()
+    exact, stats = step_from(
+        model, x, y, lr=lr, radius=radius, projection_steps=200, projection_tol=1e-12
+    )
+    assert stats["converged"]
+    sgd, _ = step_from(model, x, y, lr=lr, radius=0.0)
+    for budget, bound in ((1, one_call), (2, two_calls)):
+        point, stats = step_from(
+            model,
+            x,
+            y,
+            lr=lr,
+            radius=radius,
+            projection_steps=budget,
+            projection_tol=1e-12,
+            anderson_memory=1,
+        )
+        assert stats["grad_evals"] == 1 + budget and stats["blind_step"]
+        assert float((point - exact).norm()) <= bound * float((sgd - exact).norm())
+
+
+def test_stats_describe_the_last_evaluated_point():
+    """After a blind step the residual is that of the last point the closure saw, relative to
+    ‖r(θ)‖, computed here independently."""
+    f = smooth_bowl([1.0, 3.0], 0.2, 0.5, 1.0, [0.3, -0.2])
+    theta = torch.tensor([1.0, -0.7], dtype=torch.float64)
+    lr, radius = 0.1, 0.1
+    opt, x, points = roll_once(f, theta, lr=lr, radius=radius, projection_steps=1)
+    centre, height = moved_centre(f, theta, lr, radius)
+
+    def residual(point):
+        point = point.clone().requires_grad_(True)
+        value = f(point)
+        (g,) = torch.autograd.grad(value, point)
+        return float(((point - centre) + (float(value) - height) * g).norm())
+
+    stats = opt.last_stats
+    assert stats["blind_step"] and stats["grad_evals"] == 2 and not stats["converged"]
+    assert stats["residual"] == pytest.approx(residual(points[-1]) / residual(theta), rel=1e-9)
+    assert not torch.equal(x, points[-1])
+
+
+@pytest.mark.parametrize("tol", [0.0, 1e-12])
+def test_gd_mode_takes_its_last_iteration_blind(tol):
+    """K iterations of the authors' scheme cost K closure calls whatever the tolerance."""
+    f = smooth_bowl([1.0, 3.0], 0.2, 0.5, 1.0, [0.3, -0.2])
+    theta = torch.tensor([1.0, -0.7], dtype=torch.float64)
+    opt, _, points = roll_once(
+        f,
+        theta,
+        lr=0.3,
+        radius=0.2,
+        projection="gd",
+        projection_steps=6,
+        projection_step_size=0.2,
+        projection_tol=tol,
+    )
+    assert len(points) == 6 and opt.last_stats["blind_step"]
+    assert opt.last_stats["projection_steps"] == 5
+
+
+class SyncCounter:
+    """Counts device-to-host transfers of tensors: item, tolist, float, int, bool."""
+
+    methods = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+    def __init__(self, monkeypatch) -> None:
+        self.count = 0
+        for name in self.methods:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counted(original))
+
+    def _counted(self, original):
+        def method(tensor, *args, **kwargs):
+            self.count += 1
+            return original(tensor, *args, **kwargs)
+
+        return method
+
+
+@pytest.mark.parametrize(("projection", "per_iteration"), [("anderson", 2), ("gd", 1)])
+def test_host_synchronisations_per_projection_iteration(monkeypatch, projection, per_iteration):
+    """Anderson: 2 host synchronisations per evaluated trial point (the evaluation's scalars,
+    then ‖p‖² with the Gram row); gd with tol = 0: 1 (the loss)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+
+    def syncs(budget: int) -> int:
+        opt = RBO(
+            model.parameters(),
+            lr=0.1,
+            radius=0.05,
+            projection=projection,
+            projection_steps=budget,
+            projection_tol=0.0,
+            projection_step_size=0.5,
+        )
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        counter = SyncCounter(monkeypatch)
+        opt.step(closure)
+        monkeypatch.undo()
+        assert opt.last_stats["grad_evals"] == (budget if projection == "gd" else budget + 1)
+        return counter.count
+
+    assert syncs(8) - syncs(4) <= per_iteration * 4
