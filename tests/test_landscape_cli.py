@@ -33,7 +33,7 @@ def test_iron_1d(tmp_path, capsys):
                  "--points", "401", "--lr", "0.05", "--out", str(out)])  # fmt: skip
     assert code == 0
     assert png_size(out / "ironed.png") == (900, 480)  # 9 × 4.8 in at 100 dpi
-    assert png_size(out / "trajectories.png") == (1040, 480)  # two panels
+    assert png_size(out / "trajectories.png") == (1040, 660)  # two radii: landscape over zoom
     rows = read_rows(out / "trajectories.csv")
     assert [(r["optimizer"], float(r["radius"])) for r in rows] == [
         ("GD", 0.0), ("RBO", 0.1), ("RBO", 0.5)
@@ -178,7 +178,7 @@ def test_landscape_slice_2d(tmp_path, checkpoint):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_landscape_slice_1d(tmp_path):
+def test_landscape_slice_1d(tmp_path, capsys):
     pytest.importorskip("sklearn")
     from rollingball.experiments.data import load_data
     from rollingball.experiments.models import build_model
@@ -198,3 +198,12 @@ def test_landscape_slice_1d(tmp_path):
     summary = json.loads((out / "slice.json").read_text())
     assert summary["mode"] == "train" and summary["split"] == "test"
     assert float(rows[5]["loss"]) == pytest.approx(summary["loss_at_trained"], rel=1e-6)
+    assert "warning" not in capsys.readouterr().err  # radius 0.2 = the spacing 2/10
+    args = ["landscape", "--state-dict", str(tmp_path / "model.pt"), "--hidden", "8",
+            "--dim", "1", "--max-samples", "10", "--points", "11", "--no-progress",
+            "--out", str(out)]  # fmt: skip
+    assert main([*args, "--radii", "0.1,0.2"]) == 0
+    assert capsys.readouterr().err == (
+        "rollingball landscape: warning: radius 0.1 is below the grid spacing 0.2, so ironing "
+        "at it changes nothing; use more --points or a larger radius\n"
+    )

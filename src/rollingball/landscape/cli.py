@@ -234,8 +234,10 @@ def run_landscape(args: argparse.Namespace) -> int:
     directions = [
         filter_normalized_direction(params, args.include_1d, generator) for _ in range(args.dim)
     ]
+    if args.points < 2 or args.span <= 0:
+        raise ValueError(f"need --points >= 2 and --span > 0, got {args.points} and {args.span}")
     axis = np.linspace(-args.span, args.span, args.points)
-    _warn_if_finer_than_grid("landscape", args.radii, float(axis[1] - axis[0]))
+    _warn_if_finer_than_grid("landscape", args.radii, 2 * args.span / (args.points - 1))
     values = loss_slice(
         loss_fn, params, directions, [axis] * args.dim, progress=not args.no_progress
     )
