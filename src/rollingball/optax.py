@@ -35,6 +35,8 @@ SOLVERS = ("anderson", "gd")
 ANDERSON_REGULARIZATION = 1e-10
 # The blind last step's trust in the Gauss–Newton model (`AndersonProjection.trust`).
 ANDERSON_TRUST = 0.5
+# The blind step must be this much shorter than the last one (`AndersonProjection.contraction`).
+ANDERSON_CONTRACTION = 0.5
 
 
 class RBOState(NamedTuple):
@@ -146,6 +148,33 @@ def _zero_like(tree: Any) -> Any:
     return jax.tree.map(jnp.zeros_like, tree)
 
 
+class _Packing:
+    """A pytree's leaves packed into one flat vector per dtype, so that the compiled
+    projection does not grow with the number of leaves (pack copies, unpack slices)."""
+
+    def __init__(self, tree: Any) -> None:
+        leaves, self.treedef = jax.tree.flatten(tree)
+        self.shapes = [leaf.shape for leaf in leaves]
+        dtypes = sorted({jnp.dtype(leaf.dtype) for leaf in leaves}, key=str)
+        self.members = [[i for i, leaf in enumerate(leaves) if leaf.dtype == d] for d in dtypes]
+
+    def pack(self, tree: Any) -> tuple[jax.Array, ...]:
+        leaves = jax.tree.leaves(tree)
+        return tuple(
+            jnp.concatenate([jnp.ravel(leaves[i]) for i in members]) for members in self.members
+        )
+
+    def unpack(self, vectors: tuple[jax.Array, ...]) -> Any:
+        leaves: list[Any] = [None] * len(self.shapes)
+        for vector, members in zip(vectors, self.members, strict=True):
+            start = 0
+            for i in members:
+                size = math.prod(self.shapes[i])
+                leaves[i] = vector[start : start + size].reshape(self.shapes[i])
+                start += size
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
 # --- the projection (`rollingball.optim.rbo._Projection` and `optim.projection`) ---
 
 
@@ -163,13 +192,14 @@ class _Problem:
         start_value: jax.Array,
         lift: jax.Array,
         acc: Any,
+        eps: Any,
     ) -> None:
         self.landscape = landscape
         self.params = params
         self.start_value = start_value
         self.lift = lift
         self.acc = acc
-        self.eps = jnp.finfo(jax.tree.leaves(params)[0].dtype).eps
+        self.eps = eps
 
     def evaluate(self, displacement: Any) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
         """One call of value_fn at θ + d: (m, ∇f, ‖∇f‖², non-finite loss or gradient)."""
@@ -202,6 +232,7 @@ def _gd_projection(
     offset: Any,
     grad: Any,
     grad_sq: jax.Array,
+    start_bad: jax.Array,
     max_steps: int,
     step_size: float,
     tol: float,
@@ -221,7 +252,7 @@ def _gd_projection(
         return r, jnp.sqrt(_inner(r, r, acc))
 
     r, initial = residual(-problem.lift, grad, offset)
-    bad = ~jnp.isfinite(initial) | ~jnp.isfinite(grad_sq)
+    bad = start_bad | ~jnp.isfinite(initial)
 
     def cond(carry: tuple[Any, ...]) -> jax.Array:
         _, _, _, norm, moves, bad = carry
@@ -273,6 +304,7 @@ def _anderson_projection(
     offset: Any,
     grad: Any,
     grad_sq: jax.Array,
+    start_bad: jax.Array,
     max_steps: int,
     step_size: float,
     tol: float,
@@ -394,32 +426,44 @@ def _anderson_projection(
         "before": start,
         "has_before": jnp.zeros((), bool),
         "check": jnp.zeros((2,), acc),
-        "bad": ~jnp.isfinite(initial) | ~jnp.isfinite(grad_sq),
+        "bad": start_bad | ~jnp.isfinite(initial),
     }
     c = jax.lax.while_loop(cond, body, carry)
     blind = (c["calls"] == max_steps) & (c["norm"] > tol * initial) & c["has_before"] & ~c["bad"]
-    blind = blind & _blind_is_safe(problem, c["before"], c["point"], c["check"], c["step"])
+    blind = blind & _blind_is_safe(
+        problem, c["before"], c["point"], c["check"], c["offset"], c["grad"], c["step"]
+    )
     displacement = _combine((1, c["displacement"]), (blind.astype(acc), c["step"]))
     outcome = _Outcome(c["calls"], initial, c["norm"], c["safeguards"], blind, c["bad"])
     return displacement, outcome
 
 
 def _blind_is_safe(
-    problem: _Problem, before: _Point, point: _Point, check: jax.Array, step: Any
-) -> jax.Array:
-    """Trust the Gauss–Newton model for one more, unevaluated step.
+    problem: _Problem, before: _Point, point: _Point, check: jax.Array, offset: Any, grad: Any,
+    step: Any,
+) -> jax.Array:  # fmt: skip
+    """Trust the Gauss–Newton model for one more, unevaluated step δ.
 
-    On the last step δ, from x_{k−1} to x_k, the model predicted
-    φ̂ = ½‖u_k‖² + ½(m_{k−1} + ⟨g_{k−1}, δ⟩)²; the blind step is taken when
-    |φ(x_k) − φ̂| ≤ trust·(φ(x_{k−1}) − φ̂) and it is no longer than δ.
+    On the last step δ_last, from x_{k−1} to x_k, the model predicted
+    φ̂ = ½‖u_k‖² + ½(m_{k−1} + ⟨g_{k−1}, δ_last⟩)²; at x_k it predicts for δ
+    φ_GN = ½‖u + δ‖² + ½(m + ⟨g, δ⟩)². δ is taken when (1) |φ(x_k) − φ̂| ≤ trust·(φ(x_{k−1}) − φ̂),
+    (2) ‖δ‖ ≤ contraction·‖δ_last‖ and (3) φ_GN + 2|φ(x_k) − φ̂|·‖δ‖²/‖δ_last‖² < φ(x_k).
     """
+    acc = problem.acc
     linear, last_sq = check[0], check[1]
     predicted = 0.5 * point.offset_sq + 0.5 * (before.mismatch + linear) ** 2
     decrease = before.phi - predicted
+    offset_step, grad_step = _inner(offset, step, acc), _inner(grad, step, acc)
+    step_sq = _inner(step, step, acc)
+    model = 0.5 * (point.offset_sq + 2 * offset_step + step_sq)
+    model = model + 0.5 * (point.mismatch + grad_step) ** 2
+    # the model's error on the last step, scaled like a curvature term, with a margin of 2
+    error = 2 * jnp.abs(point.phi - predicted) * step_sq / last_sq
     return (
         (decrease > problem.phi_noise(point.mismatch, point.phi))
         & (jnp.abs(point.phi - predicted) <= ANDERSON_TRUST * decrease)
-        & (_inner(step, step, problem.acc) <= last_sq)
+        & (step_sq <= ANDERSON_CONTRACTION**2 * last_sq)
+        & (model + error < point.phi)
     )
 
 
@@ -545,54 +589,71 @@ def rbo(
     ) -> tuple[Any, RBOState]:
         acc = _accumulator(params)
         grad = updates if grad is None else grad
+        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+
+        def tangent(g: Any, buffer: Any) -> Any:
+            """v = g, or v = g + μ v_prev (v_prev = 0 before the first step)."""
+            return g if not momentum else jax.tree.map(lambda gi, b: gi + momentum * b, g, buffer)
+
+        def sgd(v: Any) -> Any:
+            """radius 0: −η v, computed as optax.sgd computes it."""
+            if callable(learning_rate):
+                return jax.tree.map(lambda vi: jnp.array(-lr, dtype=vi.dtype) * vi, v)
+            return jax.tree.map(lambda vi: -learning_rate * vi, v)
+
+        if not callable(radius) and radius == 0:  # no projection: on the leaves themselves
+            f0, g = landscape_at(value, grad, params, acc)
+            v = tangent(g, state.momentum)
+            zero, norm = jnp.zeros((), jnp.int32), jnp.zeros((), acc)
+            bad = ~jnp.isfinite(f0) | ~jnp.isfinite(_inner(g, g, acc))
+            outcome = _Outcome(zero, norm, norm, zero, jnp.zeros((), bool), bad)
+            return _finish(sgd(v), v, outcome, state, acc)
+
+        packing = _Packing(params)
+        x0 = packing.pack(params)
         value_and_grad = jax.value_and_grad(value_fn)
 
         def landscape(x: Any) -> tuple[jax.Array, Any]:
-            loss, loss_grad = value_and_grad(x, **extra_args)
-            return landscape_at(loss, loss_grad, x, acc)
+            loss, loss_grad = value_and_grad(packing.unpack(x), **extra_args)
+            return landscape_at(loss, packing.pack(loss_grad), x, acc)
 
-        f0, g = landscape_at(value, grad, params, acc)
+        f0, g = landscape_at(value, packing.pack(grad), x0, acc)
         grad_sq = _inner(g, g, acc)
         start_bad = ~jnp.isfinite(f0) | ~jnp.isfinite(grad_sq)
-        v = g if not momentum else jax.tree.map(lambda gi, b: gi + momentum * b, g, state.momentum)
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-
-        def sgd() -> tuple[Any, _Outcome]:
-            """radius 0: −η v, computed as optax.sgd computes it."""
-            if callable(learning_rate):
-                step = jax.tree.map(lambda vi: jnp.array(-lr, dtype=vi.dtype) * vi, v)
-            else:
-                step = jax.tree.map(lambda vi: -learning_rate * vi, v)
-            zero, no = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
-            norm = jnp.zeros((), acc)
-            return step, _Outcome(zero, norm, norm, zero, no, start_bad)
+        v = tangent(g, None if not momentum else packing.pack(state.momentum))
 
         def roll(rho: Any) -> tuple[Any, _Outcome]:
             """Seat the ball, move its centre along the tangent, project it onto the graph."""
             s = jnp.sqrt(1 + grad_sq)
             offset = _combine((rho / s, g), (lr, v))  # u = θ − θ̃ = ρ g/s + η v
             lift = rho / s - lr * (grad_sq if not momentum else _inner(g, v, acc))
-            problem = _Problem(landscape, params, f0, jnp.asarray(lift, acc), acc)
+            problem = _Problem(landscape, x0, f0, jnp.asarray(lift, acc), acc, eps)
             if projection == "gd":
                 displacement, outcome = _gd_projection(
-                    problem, offset, g, grad_sq, projection_steps, projection_step_size,
+                    problem, offset, g, grad_sq, start_bad, projection_steps, projection_step_size,
                     projection_tol,
                 )  # fmt: skip
             else:
                 displacement, outcome = _anderson_projection(
-                    problem, offset, g, grad_sq, projection_steps, projection_step_size,
+                    problem, offset, g, grad_sq, start_bad, projection_steps, projection_step_size,
                     projection_tol, anderson_memory,
                 )  # fmt: skip
-            return displacement, outcome._replace(bad=outcome.bad | start_bad)
+            return displacement, outcome
 
+        eps = jnp.finfo(jax.tree.leaves(params)[0].dtype).eps  # as torch: the first parameter's
         if callable(radius):
             rho = jnp.asarray(radius(state.count), acc)
-            delta, outcome = jax.lax.cond(rho == 0, sgd, lambda: roll(rho))
-        elif radius == 0:
-            delta, outcome = sgd()
+            no = jnp.zeros((), jnp.int32), jnp.zeros((), acc), jnp.zeros((), bool)
+            skip = _Outcome(no[0], no[1], no[1], no[0], no[2], start_bad)
+            delta, outcome = jax.lax.cond(rho == 0, lambda: (sgd(v), skip), lambda: roll(rho))
         else:
             delta, outcome = roll(radius)
+        return _finish(packing.unpack(delta), packing.unpack(v), outcome, state, acc)
 
+    def _finish(
+        delta: Any, v: Any, outcome: _Outcome, state: RBOState, acc: Any
+    ) -> tuple[Any, RBOState]:
+        """The update (zero when a value was not finite) and the new state."""
         bad = outcome.bad
         initial = outcome.initial_norm
         relative = jnp.where(
@@ -613,8 +674,8 @@ def rbo(
         )
         return jax.tree.map(lambda d: jnp.where(bad, jnp.zeros_like(d), d), delta), new_state
 
-    # jitted here too, so that a step outside jax.jit is compiled once per value_fn
-    compiled_step = jax.jit(step, static_argnames="value_fn")
+    # a projection loop is compiled once per value_fn, also when the caller does not jit
+    compiled_step = step if radius == 0 else jax.jit(step, static_argnames="value_fn")
 
     def update(
         updates: Any,
