@@ -232,6 +232,6 @@ def test_a_cifar_run_with_augmentation_batchnorm_and_rbo(tmp_path, monkeypatch):
     assert row["step"] == 2 and row["grad_evals"] >= 4  # 20 images, batches of 10
     assert 0.0 <= row["test_accuracy"] <= 1.0 and math.isfinite(row["train_loss"])
     # only the first closure call of each step moved the BatchNorm statistics
-    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)["model"]
+    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)["model"]
     tracked = {k: int(v) for k, v in state.items() if k.endswith("num_batches_tracked")}
     assert tracked and set(tracked.values()) == {2}
