@@ -27,7 +27,8 @@ from rollingball.optim.batchnorm import running_stat_buffers  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
 STEPS = 4
-RBO_ARGS: dict[str, Any] = dict(lr=0.5, radius=0.5)
+# the projection settings are explicit, so that the counts below do not follow the defaults
+RBO_ARGS: dict[str, Any] = dict(lr=0.5, radius=0.5, projection_steps=20, projection_tol=1e-4)
 
 
 def make_data() -> TensorDataset:
@@ -215,7 +216,7 @@ class WithDropout(Classifier):
         self.net = nn.Sequential(self.net[0], nn.Dropout(0.2), self.net[2], self.net[3])
 
     def configure_optimizers(self) -> RBO:
-        return RBO(self.parameters(), **RBO_ARGS, projection_steps=20, projection_tol=1e-4)
+        return RBO(self.parameters(), **RBO_ARGS)
 
 
 def test_dropout_in_training_step_repeats_within_each_step(tmp_path: Path) -> None:

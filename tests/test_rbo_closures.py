@@ -289,7 +289,7 @@ def batchnorm_net() -> nn.Sequential:
 def test_running_statistics_move_once_per_step_when_rbo_knows_the_model(give_model) -> None:
     model = batchnorm_net()
     x, y = data()
-    opt = RBO(model.parameters(), lr=0.1, radius=0.5, model=model if give_model else None)
+    opt = RBO(model.parameters(), lr=0.1, radius=0.5, model=model if give_model else None, **SOLVER)
 
     def closure() -> torch.Tensor:
         loss = nn.functional.cross_entropy(model(x), y)
