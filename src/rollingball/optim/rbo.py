@@ -282,7 +282,8 @@ class RBO(Optimizer):
     non-finite value, or an exception raised by the closure) has skipped=True and counts
     the closure calls it spent. RBO sets the gradients to None before every closure call.
     If the relative residual stays above 0.5 on more than half of the last 20 steps, RBO
-    warns once (`ProjectionWarning`).
+    warns once (`ProjectionWarning`); projection_tol=0 (a fixed K, as in the authors' code)
+    turns the watch off.
     """
 
     def __init__(
