@@ -303,3 +303,11 @@ def test_running_statistics_move_once_per_step_when_rbo_knows_the_model(give_mod
     tracked = int(running_stat_buffers(model)[2])
     assert calls >= 12
     assert tracked == (6 if give_model else calls)
+
+
+def test_a_fixed_number_of_iterations_is_not_watched() -> None:
+    # projection_tol=0 asks for K iterations whatever the residual (the authors' scheme)
+    caught, residuals = steps_with_warnings(
+        fixed=False, steps=25, projection="gd", projection_steps=3, projection_tol=0.0
+    )
+    assert sum(r > 0.5 for r in residuals) > 12 and caught == []
