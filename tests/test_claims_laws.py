@@ -154,7 +154,7 @@ def test_small_step_direction_is_the_limit_of_the_step():
             start += p.numel()
         return nn.functional.cross_entropy(torch.func.functional_call(model, chunks, (x,)), y)
 
-    hessian = torch.autograd.functional.hessian(f, flat)
+    hessian = torch.autograd.functional.hessian(f, flat, vectorize=True)
     g = torch.autograd.functional.jacobian(f, flat)
     radius = 0.5
     assert radius * float(torch.linalg.eigvalsh(hessian)[-1]) < 1

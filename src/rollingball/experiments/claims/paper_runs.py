@@ -67,7 +67,7 @@ def sharp_flat(out: Path, tiny: bool) -> str:
     """
     lr, steps = 0.01, 10 if tiny else 200
     starts = np.linspace(-1.3, -0.7, 2 if tiny else 7)
-    radii = [0.1] if tiny else [0.03, 0.1, 0.3, 0.5]
+    radii = [0.1] if tiny else [0.03, 0.1, 0.3, 0.5, 1.0]
 
     def fractions(name: str, rho: float) -> dict[str, float]:
         ends = [_run_1d(planted, name, float(x0), lr, rho, steps)[-1] for x0 in starts]
@@ -96,12 +96,12 @@ def sharp_flat(out: Path, tiny: bool) -> str:
     fig, axes = figure(1, 2, width=4.8)
     ax = axes[0][0]
     ax.plot(grid, values, color="k", lw=1, label="f")
-    for colour, rho in zip(("C1", "C2"), (0.1, 0.3), strict=True):
+    for colour, rho in zip(("C1", "C2", "C3"), (0.1, 0.3, 1.0), strict=True):
         ax.plot(
             grid, iron(values, grid[1] - grid[0], rho), color=colour, label=f"ironed, ρ = {rho}"
         )
     ax.set_xlabel("θ")
-    ax.set_title("planted sharp (−1) and flat (+1) basins")
+    ax.set_title("sharp (−1) and flat (+1) basins, ironed")
     ax.legend(fontsize=7)
     ax = axes[0][1]
     for colour, name in zip(COLOURS, ("rbo", "usam", "sam"), strict=False):
@@ -110,7 +110,7 @@ def sharp_flat(out: Path, tiny: bool) -> str:
         )
     ax.axhline(results["gd"]["flat"], color="grey", ls="--", label="GD")
     ax.set_xlabel("radius ρ")
-    ax.set_ylabel("fraction of starts in the sharp basin that escape")
+    ax.set_ylabel("fraction escaped to the flat basin")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
     save(fig, out, "sharp_flat", results)
