@@ -1,13 +1,24 @@
-"""Memory: optimizer state and peak transient allocations per step, in parameter sizes.
+"""Memory: the extra memory of one optimizer step, in parameter copies.
 
-    python benchmarks/bench_memory.py
+    python benchmarks/bench_memory.py [--width 4096]
 
-MLP 784-1024-1024-10 (1.86 M parameters), batch 64. For each optimizer: the persistent state
-(momentum buffers) and the peak of what `step` allocates outside the closure, both divided by
-the parameters' bytes, measured by `rollingball.optim.memory.peak_step_memory`.
+Two measurements, side by side for each optimizer:
+- peak RSS: an MLP 2048-W-W-W (42 M parameters at W = 4096), batch 64, one process per
+  optimizer. After two warm-up steps the kernel's peak-RSS counter is reset
+  (/proc/self/clear_refs) and the peak of a bare closure call is measured; reset again, the
+  peak of one `step`. (step peak − closure peak) / parameter bytes is the step's extra memory,
+  temporaries included.
+- tracker: every tensor `step` allocates outside the closure, counted by
+  `rollingball.optim.memory.peak_step_memory` (MLP 784-1024-1024-10).
 """
 
 from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -16,39 +27,118 @@ from rollingball import RBO
 from rollingball.optim.memory import peak_step_memory
 
 OPTIMIZERS = {
+    "Adam": lambda p: torch.optim.Adam(p, lr=1e-3),
     "SGD momentum 0.9": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
     "RBO radius 0": lambda p: RBO(p, lr=0.1, radius=0.0),
-    "RBO gd": lambda p: RBO(p, lr=0.1, radius=0.5, projection="gd", projection_steps=8),
-    "RBO gd, momentum 0.9": lambda p: RBO(
-        p, lr=0.1, radius=0.5, projection="gd", projection_steps=8, momentum=0.9
+    "RBO gd, K = 8": lambda p: RBO(
+        p, lr=0.1, radius=0.5, projection="gd", projection_steps=8, projection_tol=0
     ),
-    "RBO anderson m=5": lambda p: RBO(p, lr=0.1, radius=0.5, projection_steps=8, projection_tol=0),
-    "RBO anderson m=2": lambda p: RBO(
+    "RBO default": lambda p: RBO(p, lr=0.1, radius=0.5, projection_tol=0),
+    "RBO anderson m=1, K = 8": lambda p: RBO(
+        p, lr=0.1, radius=0.5, projection_steps=8, projection_tol=0, anderson_memory=1
+    ),
+    "RBO anderson m=2, K = 8": lambda p: RBO(
         p, lr=0.1, radius=0.5, projection_steps=8, projection_tol=0, anderson_memory=2
+    ),
+    "RBO anderson m=5, K = 8": lambda p: RBO(
+        p, lr=0.1, radius=0.5, projection_steps=8, projection_tol=0, anderson_memory=5
     ),
 }
 
 
-def main() -> None:
+def _peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _reset_peak() -> int:
+    Path("/proc/self/clear_refs").write_text("5")
+    return _rss_bytes()
+
+
+def rss_in_this_process(name: str, width: int) -> dict[str, float]:
+    """Peak RSS of one step beyond the closure's own peak, in parameter copies."""
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    model = nn.Sequential(
+        nn.Linear(2048, width),
+        nn.Tanh(),
+        nn.Linear(width, width),
+        nn.Tanh(),
+        nn.Linear(width, width),
+    )
+    x, y = torch.randn(64, 2048), torch.randn(64, width)
+    opt = OPTIMIZERS[name](model.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    base = _reset_peak()
+    closure()
+    closure_peak = _peak_rss_bytes() - base
+    base = _reset_peak()
+    opt.step(closure)
+    step_peak = _peak_rss_bytes() - base
+    return {
+        "params_millions": param_bytes / 4 / 1e6,
+        "extra_copies": (step_peak - closure_peak) / param_bytes,
+    }
+
+
+def tracker(name: str) -> tuple[float, float]:
     torch.manual_seed(0)
     x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
-    print(f"{'optimizer':24s} {'state / params':>15s} {'peak step / params':>19s}")
-    for name, build in OPTIMIZERS.items():
-        torch.manual_seed(0)
-        model = nn.Sequential(
-            nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+    model = nn.Sequential(
+        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+    )
+    opt = OPTIMIZERS[name](model.parameters())
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # the first step creates the state
+    memory = peak_step_memory(opt, closure)
+    return memory.state_buffers, memory.peak_buffers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(rss_in_this_process(args.child, args.width)))
+        return
+    print(f"{'optimizer':26s} {'state':>6s} {'tracker peak':>13s} {'peak RSS extra':>15s}")
+    for name in OPTIMIZERS:
+        state, peak = tracker(name)
+        child = subprocess.run(
+            [sys.executable, __file__, "--child", name, "--width", str(args.width)],
+            check=True,
+            capture_output=True,
+            text=True,
         )
-        opt = build(model.parameters())
-
-        def closure(model=model, opt=opt):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)  # the first step creates the state
-        memory = peak_step_memory(opt, closure)
-        print(f"{name:24s} {memory.state_buffers:15.2f} {memory.peak_buffers:19.2f}")
+        rss = json.loads(child.stdout.strip().splitlines()[-1])
+        print(f"{name:26s} {state:6.2f} {peak:13.2f} {rss['extra_copies']:15.2f}")
+    print(f"(peak RSS on {rss['params_millions']:.1f} M parameters; in parameter copies)")
 
 
 if __name__ == "__main__":

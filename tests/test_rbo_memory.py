@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -47,3 +49,36 @@ def test_anderson_memory_is_2m_plus_3_buffers(m):
     each kind, at the peak; the first gradient is not held once the next call replaces it."""
     memory = measure(projection_tol=0.0, anderson_memory=m)
     assert memory.peak_buffers == pytest.approx(2 * m + 3, abs=SCALARS)
+
+
+@pytest.mark.parametrize("projection", ["gd", "anderson"])
+def test_no_gradient_outlives_the_next_closure_call(projection):
+    """A gradient the closure made is free once RBO clears `.grad` for the next call: holding
+    it (say, by a loop variable) costs a parameter copy in peak RSS that the tracker cannot
+    see."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5))
+    x, y = torch.randn(32, 20), torch.randint(0, 5, (32,))
+    opt = RBO(
+        model.parameters(),
+        lr=0.5,
+        radius=0.5,
+        projection=projection,
+        projection_steps=4,
+        projection_tol=0.0,
+    )
+    alive_at_call = []
+    earlier: list[weakref.ref] = []
+
+    def closure():
+        alive_at_call.append(sum(ref() is not None for ref in earlier))
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        earlier.extend(weakref.ref(p.grad) for p in model.parameters())
+        return loss
+
+    opt.step(closure)
+    opt.step(closure)
+    assert len(alive_at_call) >= 6
+    assert alive_at_call == [0] * len(alive_at_call)

@@ -145,6 +145,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "projection_steps": 20,
             "projection_step_size": 1.0,
             "projection_tol": 1e-4,
+            "anderson_memory": 5,
             "momentum": 0.0,
             "weight_decay": 0.0,
         },

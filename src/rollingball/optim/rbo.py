@@ -507,6 +507,24 @@ class RBO(Optimizer):
                 for p, buffer in zip(group_params, v, strict=True):
                     self.state[p]["momentum_buffer"] = buffer
 
+    def _moved_centre(
+        self, radius: float, first: _Evaluated, directions: list[list[Tensor]]
+    ) -> tuple[list[Tensor], float]:
+        """u = θ − θ̃ = ρ g/s + η v (per group) and h = ỹ − f(θ) = ρ/s − Σ η ⟨g, v⟩."""
+        s = slope_factor(first.grad_sq)
+        offset: list[Tensor] = []
+        tangent = []  # ⟨g, v⟩ per group
+        for group, g, v in zip(self.param_groups, first.grads, directions, strict=True):
+            u = list(torch._foreach_mul(g, radius / s))
+            torch._foreach_add_(u, v, alpha=group["lr"])
+            offset.extend(u)
+            tangent.append(squared_norm_device(g) if v is g else inner_device(g, v))
+        products = to_host(tangent)
+        lift = radius / s - sum(
+            g["lr"] * p for g, p in zip(self.param_groups, products, strict=True)
+        )
+        return offset, lift
+
     def _roll(
         self,
         landscape: _Landscape,
@@ -521,19 +539,7 @@ class RBO(Optimizer):
         groups without momentum are emptied), so that no reference keeps it alive once the
         next closure call replaces the `.grad` tensors.
         """
-        radius = settings["radius"]
-        s = slope_factor(first.grad_sq)
-        offset: list[Tensor] = []  # u = θ − θ̃ = ρ g/s + η v
-        tangent = []  # ⟨g, v⟩ per group
-        for group, g, v in zip(self.param_groups, first.grads, directions, strict=True):
-            u = list(torch._foreach_mul(g, radius / s))
-            torch._foreach_add_(u, v, alpha=group["lr"])
-            offset.extend(u)
-            tangent.append(squared_norm_device(g) if v is g else inner_device(g, v))
-        lrs = [group["lr"] for group in self.param_groups]
-        lift = radius / s - sum(  # h = ỹ − f(θ) = ρ/s − Σ η ⟨g, v⟩
-            lr * product for lr, product in zip(lrs, to_host(tangent), strict=True)
-        )
+        offset, lift = self._moved_centre(settings["radius"], first, directions)
         for index, group in enumerate(self.param_groups):
             if group["momentum"] == 0:
                 directions[index] = []

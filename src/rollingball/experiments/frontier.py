@@ -1,0 +1,254 @@
+"""The cost frontier of RBO's projection: test accuracy against closure calls per step.
+
+    python -m rollingball.experiments.frontier [--out runs/frontier] [--epochs 10] [--seeds 3]
+
+On MNIST-1D and digits (compare's MLP with GELU, batch 100, cosine schedule, compare's
+learning rates), RBO at ρ ∈ {0.1, 0.3, 1} with the projection budgets K ∈ {1, 2, 3, 5} (at
+tolerance 1e-4, so the budget decides) and the tolerances {1e-1, 1e-2} (at K = 20), each with
+Anderson memory 1, and the converged projection (K = 20, tol = 1e-4, memory 5: the former
+default); SGD, momentum, SAM and USAM as baselines, all at equal epochs. Writes
+``frontier.csv`` (one row per run), ``frontier.md`` (mean ± std over seeds) and
+``frontier.png`` into ``--out``; finished runs are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rollingball.experiments.compare import COMPARE_HPARAMS, RBO_LR_BY_RADIUS, load_hparams
+from rollingball.experiments.config import (
+    BudgetConfig,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RunConfig,
+    ScheduleConfig,
+    config_from_dict,
+    config_to_dict,
+)
+from rollingball.experiments.runner import read_metrics, run
+
+TASKS = {"mnist1d": None, "digits": "experiments/fair/compare_digits.toml"}
+RADII = (0.1, 0.3, 1.0)
+BASELINES = ("sgd", "momentum", "sam", "usam")
+SETTINGS: dict[str, dict[str, Any]] = {
+    **{
+        f"K={k}": {"projection_steps": k, "projection_tol": 1e-4, "anderson_memory": 1}
+        for k in (1, 2, 3, 5)
+    },
+    **{
+        f"tol={tol:g}": {"projection_steps": 20, "projection_tol": tol, "anderson_memory": 1}
+        for tol in (1e-1, 1e-2)
+    },
+    "converged": {"projection_steps": 20, "projection_tol": 1e-4, "anderson_memory": 5},
+}
+USAM_RHO = 0.05
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of the frontier: task, optimizer, radius and projection setting."""
+
+    task: str
+    optimizer: str
+    radius: float | None = None
+    setting: str = ""
+
+    @property
+    def name(self) -> str:
+        if self.radius is None:
+            return f"{self.task}/{self.optimizer}"
+        return f"{self.task}/rbo_r{self.radius:g}_{self.setting}"
+
+
+def _hparams(task: str) -> tuple[dict[str, dict[str, Any]], dict[float, float]]:
+    path = TASKS[task]
+    if path is None:
+        return COMPARE_HPARAMS, dict(RBO_LR_BY_RADIUS)
+    hparams, by_radius = load_hparams(path)
+    return hparams, by_radius or {}
+
+
+def cells() -> list[Cell]:
+    out = []
+    for task in TASKS:
+        out += [Cell(task, name) for name in BASELINES]
+        out += [Cell(task, "rbo", radius, setting) for radius in RADII for setting in SETTINGS]
+    return out
+
+
+def config(cell: Cell, seed: int, epochs: int) -> RunConfig:
+    table, by_radius = _hparams(cell.task)
+    if cell.optimizer == "usam":  # USAM at SGD's learning rate, SAM's radius
+        hparams = {"lr": table["sgd"]["lr"], "rho": USAM_RHO}
+    elif cell.optimizer == "rbo":
+        assert cell.radius is not None
+        hparams = {
+            **table.get("rbo", {}),
+            "radius": cell.radius,
+            "lr": by_radius.get(cell.radius, table["rbo"]["lr"]),
+            **SETTINGS[cell.setting],
+        }
+    else:
+        hparams = dict(table[cell.optimizer])
+    return RunConfig(
+        seed=seed,
+        threads=1,
+        data=DataConfig(name=cell.task, batch_size=100),
+        model=ModelConfig(name="mlp", kwargs={"activation": "gelu"}),
+        optimizer=OptimizerConfig(name=cell.optimizer, hparams=hparams),
+        schedule=ScheduleConfig(kind="cosine"),
+        budget=BudgetConfig(epochs=epochs),
+    ).validate()
+
+
+def _run(raw: dict[str, Any], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    run(config_from_dict(raw), out_dir, resume=True)
+
+
+def measure(out: Path, epochs: int, seeds: int, jobs: int) -> list[dict[str, Any]]:
+    """Run every cell and seed (reusing finished runs); one row per run."""
+    jobs_list = [(cell, seed) for cell in cells() for seed in range(seeds)]
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = [
+            pool.submit(_run, config_to_dict(config(c, s, epochs)), str(out / c.name / f"seed{s}"))
+            for c, s in jobs_list
+        ]
+        for future in futures:
+            future.result()
+    rows = []
+    for cell, seed in jobs_list:
+        final = read_metrics(out / cell.name / f"seed{seed}" / "metrics.jsonl")[-1]
+        rows.append(
+            {
+                "task": cell.task,
+                "optimizer": cell.optimizer,
+                "radius": "" if cell.radius is None else cell.radius,
+                "setting": cell.setting,
+                "seed": seed,
+                "test_accuracy": final["test_accuracy"],
+                "train_loss": final["train_loss"],
+                "calls_per_step": final["grad_evals"] / final["step"],
+            }
+        )
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds per (task, optimizer, radius, setting)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        key = (row["task"], row["optimizer"], row["radius"], row["setting"])
+        groups.setdefault(key, []).append(row)
+    out = []
+    for (task, optimizer, radius, setting), members in groups.items():
+        accuracy = [100 * m["test_accuracy"] for m in members]
+        out.append(
+            {
+                "task": task,
+                "optimizer": optimizer,
+                "radius": radius,
+                "setting": setting,
+                "accuracy": statistics.mean(accuracy),
+                "std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
+                "calls": statistics.mean(m["calls_per_step"] for m in members),
+                "n": len(members),
+            }
+        )
+    return out
+
+
+def markdown(summary: list[dict[str, Any]]) -> str:
+    lines = [
+        "| task | optimizer | radius | projection | test accuracy % | closure calls / step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['task']} | {s['optimizer']} | {s['radius']} | {s['setting']} | "
+            f"{s['accuracy']:.2f} ± {s['std']:.2f} | {s['calls']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4.5))
+    markers = {0.1: "o", 0.3: "s", 1.0: "^"}
+    for ax, task in zip(axes, TASKS, strict=True):
+        rows = [s for s in summary if s["task"] == task]
+        for radius, marker in markers.items():
+            points = sorted(
+                (s["calls"], s["accuracy"], s["std"], s["setting"])
+                for s in rows
+                if s["radius"] == radius
+            )
+            xs, ys, es, labels = zip(*points, strict=True)
+            ax.errorbar(xs, ys, yerr=es, marker=marker, capsize=3, label=f"RBO ρ = {radius:g}")
+            for x, y, label in zip(xs, ys, labels, strict=True):
+                ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for s in rows:
+            if s["optimizer"] != "rbo":
+                ax.errorbar(
+                    s["calls"],
+                    s["accuracy"],
+                    yerr=s["std"],
+                    marker="*",
+                    ms=12,
+                    linestyle="none",
+                    capsize=3,
+                    label=s["optimizer"],
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel("closure calls per step (log)")
+        ax.set_ylabel("test accuracy % (mean ± std over seeds)")
+        ax.set_title(f"{task}: equal epochs")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="runs/frontier")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    started = time.perf_counter()
+    rows = measure(out, args.epochs, args.seeds, args.jobs)
+    with open(out / "frontier.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summarise(rows)
+    table = markdown(summary)
+    (out / "frontier.md").write_text(table)
+    plot(summary, out / "frontier.png")
+    print(table)
+    print(f"{len(rows)} runs, {args.epochs} epochs each, {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
