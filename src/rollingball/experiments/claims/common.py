@@ -214,7 +214,7 @@ def train(
             calls += counted.calls
             steps += 1
             converged += bool(getattr(opt, "last_stats", {}).get("converged", True))
-            if not math.isfinite(float(value.detach())):
+            if not math.isfinite(float(torch.as_tensor(value).detach())):
                 diverged = True
                 break
         loss, acc = evaluate(model, loss_fn, task)
