@@ -83,16 +83,24 @@ def sharp_flat(out: Path, tiny: bool) -> str:
         "radii": radii,
         "gd": fractions("gd", 0.0),
     }
-    rows = [["GD", 0.0, results["gd"]["flat"], results["gd"]["sharp"]]]
-    for name in ("rbo", "usam", "sam"):
-        results[name] = [fractions(name, rho) for rho in radii]
-        for rho, frac in zip(radii, results[name], strict=True):
-            rows.append([name.upper(), rho, frac["flat"], frac["sharp"]])
-
     from rollingball.landscape.ironing import iron
 
     grid = np.linspace(-3, 3, 3001)
     values = planted(torch.tensor(grid)).numpy()
+    well, hump = (grid > -1.5) & (grid < -0.5), (grid > -0.9) & (grid < 0.2)
+
+    def ironed_depth(rho: float) -> float:
+        """Depth of the sharp well in the ironed landscape: the barrier minus the well's floor."""
+        ironed = iron(values, grid[1] - grid[0], rho)
+        return float(ironed[hump].max() - ironed[well].min())
+
+    results["ironed_depth"] = [ironed_depth(rho) for rho in radii]
+    rows = [["GD", 0.0, results["gd"]["flat"], results["gd"]["sharp"], ""]]
+    for name in ("rbo", "usam", "sam"):
+        results[name] = [fractions(name, rho) for rho in radii]
+        for rho, frac, depth in zip(radii, results[name], results["ironed_depth"], strict=True):
+            rows.append([name.upper(), rho, frac["flat"], frac["sharp"], depth])
+
     fig, axes = figure(1, 2, width=4.8)
     ax = axes[0][0]
     ax.plot(grid, values, color="k", lw=1, label="f")
@@ -114,7 +122,14 @@ def sharp_flat(out: Path, tiny: bool) -> str:
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
     save(fig, out, "sharp_flat", results)
-    return table(["optimizer", "ρ", "ended in the flat basin", "ended in the sharp basin"], rows)
+    header = [
+        "optimizer",
+        "ρ",
+        "ended in the flat basin",
+        "ended in the sharp basin",
+        "sharp well's depth in the ironed landscape",
+    ]
+    return table(header, rows)
 
 
 def wrinkled(x: torch.Tensor) -> torch.Tensor:
