@@ -179,7 +179,7 @@ class _Packing:
 
 
 class _Problem:
-    """The projection problem: evaluations at x = θ + d, with u = x − θ̃ kept alongside.
+    """The projection problem: evaluations at x, with u = x − θ̃ kept alongside.
 
     The height mismatch is m = f(x) − ỹ = (f(x) − f(θ)) − h with h = ỹ − f(θ) = ρ/s − η⟨g, v⟩;
     the residual is r = ∇φ = u + m ∇f.
@@ -201,9 +201,9 @@ class _Problem:
         self.acc = acc
         self.eps = eps
 
-    def evaluate(self, displacement: Any) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
-        """One call of value_fn at θ + d: (m, ∇f, ‖∇f‖², non-finite loss or gradient)."""
-        value, grad = self.landscape(_combine((1, self.params), (1, displacement)))
+    def evaluate(self, x: Any) -> tuple[jax.Array, Any, jax.Array, jax.Array]:
+        """One call of value_fn at x: (m, ∇f, ‖∇f‖², non-finite loss or gradient)."""
+        value, grad = self.landscape(x)
         grad_sq = _inner(grad, grad, self.acc)
         bad = ~jnp.isfinite(value) | ~jnp.isfinite(grad_sq)
         return (value - self.start_value) - self.lift, grad, grad_sq, bad
@@ -260,17 +260,17 @@ def _gd_projection(
         return (moves < max_steps - 1) & going & ~bad
 
     def body(carry: tuple[Any, ...]) -> tuple[Any, ...]:
-        displacement, offset, r, _, moves, _ = carry
-        displacement = _combine((1, displacement), (-step_size, r))
+        x, offset, r, _, moves, _ = carry
+        x = _combine((1, x), (-step_size, r))
         offset = _combine((1, offset), (-step_size, r))
-        mismatch, grad, _, bad = problem.evaluate(displacement)
+        mismatch, grad, _, bad = problem.evaluate(x)
         r, norm = residual(mismatch, grad, offset)
-        return displacement, offset, r, norm, moves + 1, bad | ~jnp.isfinite(norm)
+        return x, offset, r, norm, moves + 1, bad | ~jnp.isfinite(norm)
 
-    carry = (_zero_like(offset), offset, r, initial, zero, bad)
-    displacement, _, r, norm, moves, bad = jax.lax.while_loop(cond, body, carry)
+    carry = (problem.params, offset, r, initial, zero, bad)
+    x, _, r, norm, moves, bad = jax.lax.while_loop(cond, body, carry)
     blind = (moves == max_steps - 1) & (norm > tol * initial) & ~bad
-    displacement = _combine((1, displacement), (jnp.where(blind, -step_size, 0), r))
+    displacement = _combine((1, x), (-1, problem.params), (jnp.where(blind, -step_size, 0), r))
     return displacement, _Outcome(moves, initial, norm, zero, blind, bad)
 
 
@@ -356,9 +356,9 @@ def _anderson_projection(
         p, step = newton(point, c["offset"], c["grad"]), c["step"]
         # ⟨g, δ⟩ and ‖δ‖²: what the blind-step rule checks if this is the last evaluation
         check = jnp.stack([_inner(c["grad"], step, acc), _inner(step, step, acc)])
-        trial_displacement = _combine((1, c["displacement"]), (1, step))
+        trial_x = _combine((1, c["x"]), (1, step))
         trial_offset = _combine((1, c["offset"]), (1, step))
-        mismatch, trial_grad, trial_grad_sq, bad = problem.evaluate(trial_displacement)
+        mismatch, trial_grad, trial_grad_sq, bad = problem.evaluate(trial_x)
         trial = _Point(
             mismatch,
             trial_grad_sq,
@@ -387,7 +387,7 @@ def _anderson_projection(
         return {
             "calls": c["calls"] + 1,
             "step": next_step,
-            "displacement": pick(_combine((1, trial_displacement), (-1, step)), trial_displacement),
+            "x": pick(_combine((1, trial_x), (-1, step)), trial_x),
             "offset": pick(_combine((1, trial_offset), (-1, step)), trial_offset),
             "grad": pick(c["grad"], trial_grad),
             "point": pick(point, trial),
@@ -411,7 +411,7 @@ def _anderson_projection(
     carry = {
         "calls": zero,
         "step": _combine((-step_size, p0)),  # no history yet: the plain step −γ p
-        "displacement": _zero_like(offset),
+        "x": problem.params,
         "offset": offset,
         "grad": grad,
         "point": start,
@@ -433,7 +433,7 @@ def _anderson_projection(
     blind = blind & _blind_is_safe(
         problem, c["before"], c["point"], c["check"], c["offset"], c["grad"], c["step"]
     )
-    displacement = _combine((1, c["displacement"]), (blind.astype(acc), c["step"]))
+    displacement = _combine((1, c["x"]), (-1, problem.params), (blind.astype(acc), c["step"]))
     outcome = _Outcome(c["calls"], initial, c["norm"], c["safeguards"], blind, c["bad"])
     return displacement, outcome
 
@@ -493,14 +493,14 @@ def _ring_inners(ring: Any, tree: Any, acc: Any) -> jax.Array:
 def _ring_sum(
     base: jax.Array, c: jax.Array, a: jax.Array, x: jax.Array, b: jax.Array, y: jax.Array
 ) -> jax.Array:
-    """c·base + Σ_j a_j x_j + Σ_j b_j y_j over the ring's slots, in float32 or wider."""
+    """c·base + Σ_j a_j x_j + Σ_j b_j y_j over the ring's slots, in float32 or wider (one
+    elementwise pass: the slots are summed one by one, not reduced over the ring's axis)."""
     wide = jnp.promote_types(base.dtype, jnp.float32)
-    shape = (-1,) + (1,) * base.ndim
-    total = (
-        c.astype(wide) * base.astype(wide)
-        + jnp.sum(a.astype(wide).reshape(shape) * x.astype(wide), axis=0)
-        + jnp.sum(b.astype(wide).reshape(shape) * y.astype(wide), axis=0)
-    )
+    total = c.astype(wide) * base.astype(wide)
+    for j in range(x.shape[0]):
+        total = (
+            total + a[j].astype(wide) * x[j].astype(wide) + b[j].astype(wide) * y[j].astype(wide)
+        )
     return total.astype(base.dtype)
 
 
