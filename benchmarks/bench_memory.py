@@ -1,6 +1,6 @@
 """Memory: the extra memory of one optimizer step, in parameter copies.
 
-    python benchmarks/bench_memory.py [--width 4096]
+    python benchmarks/bench_memory.py [--width 4096] [--device cpu|cuda]
 
 Two measurements, side by side for each optimizer:
 - peak RSS: an MLP 2048-W-W-W (42 M parameters at W = 4096), batch 64, one process per
@@ -10,6 +10,7 @@ Two measurements, side by side for each optimizer:
   temporaries included.
 - tracker: every tensor `step` allocates outside the closure, counted by
   `rollingball.optim.memory.peak_step_memory` (MLP 784-1024-1024-10).
+With --device cuda the peak is CUDA's max allocated memory instead of peak RSS.
 """
 
 from __future__ import annotations
@@ -65,8 +66,17 @@ def _reset_peak() -> int:
     return _rss_bytes()
 
 
-def rss_in_this_process(name: str, width: int) -> dict[str, float]:
-    """Peak RSS of one step beyond the closure's own peak, in parameter copies."""
+def _reset_cuda_peak(device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def rss_in_this_process(name: str, width: int, device_name: str = "cpu") -> dict[str, float]:
+    """Peak RSS (CUDA: max allocated) of one step beyond the closure's own peak, in parameter
+    copies."""
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
     torch.set_num_threads(2)
     model = nn.Sequential(
@@ -75,8 +85,10 @@ def rss_in_this_process(name: str, width: int) -> dict[str, float]:
         nn.Linear(width, width),
         nn.Tanh(),
         nn.Linear(width, width),
-    )
-    x, y = torch.randn(64, 2048), torch.randn(64, width)
+    ).to(device)
+    x, y = torch.randn(64, 2048, device=device), torch.randn(64, width, device=device)
+    reset = (lambda: _reset_cuda_peak(device)) if cuda else _reset_peak
+    peak = (lambda: torch.cuda.max_memory_allocated(device)) if cuda else _peak_rss_bytes
     opt = OPTIMIZERS[name](model.parameters())
 
     def closure():
@@ -88,12 +100,12 @@ def rss_in_this_process(name: str, width: int) -> dict[str, float]:
     for _ in range(2):
         opt.step(closure)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    base = _reset_peak()
+    base = reset()
     closure()
-    closure_peak = _peak_rss_bytes() - base
-    base = _reset_peak()
+    closure_peak = peak() - base
+    base = reset()
     opt.step(closure)
-    step_peak = _peak_rss_bytes() - base
+    step_peak = peak() - base
     return {
         "params_millions": param_bytes / 4 / 1e6,
         "extra_copies": (step_peak - closure_peak) / param_bytes,
@@ -122,23 +134,34 @@ def tracker(name: str) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(rss_in_this_process(args.child, args.width)))
+        print(json.dumps(rss_in_this_process(args.child, args.width, args.device)))
         return
-    print(f"{'optimizer':26s} {'state':>6s} {'tracker peak':>13s} {'peak RSS extra':>15s}")
+    print(f"{'optimizer':26s} {'state':>6s} {'tracker peak':>13s} {'peak extra':>11s}")
     for name in OPTIMIZERS:
         state, peak = tracker(name)
         child = subprocess.run(
-            [sys.executable, __file__, "--child", name, "--width", str(args.width)],
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--width",
+                str(args.width),
+                "--device",
+                args.device,
+            ],
             check=True,
             capture_output=True,
             text=True,
         )
         rss = json.loads(child.stdout.strip().splitlines()[-1])
-        print(f"{name:26s} {state:6.2f} {peak:13.2f} {rss['extra_copies']:15.2f}")
-    print(f"(peak RSS on {rss['params_millions']:.1f} M parameters; in parameter copies)")
+        print(f"{name:26s} {state:6.2f} {peak:13.2f} {rss['extra_copies']:11.2f}")
+    peak = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS"
+    print(f"({peak} on {rss['params_millions']:.1f} M parameters; in parameter copies)")
 
 
 if __name__ == "__main__":
