@@ -66,8 +66,11 @@ def run_settings(config: RunConfig) -> dict[str, Any]:
         hparams = dict(config.optimizer.hparams)
     settings: dict[str, Any] = {"optimizer": name}
     settings.update({k: _hashable(v) for k, v in hparams.items()})
+    settings["bn_first_call_only"] = config.optimizer.bn_first_call_only
     for section, table in config_to_dict(config).items():
-        if isinstance(table, dict) and section != "optimizer":
+        if not isinstance(table, dict):  # seed, device, threads, sync_batchnorm
+            settings[section] = table
+        elif section != "optimizer":
             settings.update({f"{section}.{k}": _hashable(v) for k, v in table.items()})
     return {k: v for k, v in settings.items() if k not in _NOT_SETTINGS}
 
