@@ -190,17 +190,18 @@ class AndersonProjection:
         calls, safeguards, step_size = 0, 0, self.step_size
         previous: _Point | None = None  # the point before the last accepted trial
         check: list[float] = []  # ⟨g, δ⟩ and ‖δ‖² of the step to the last evaluated point
+        fresh = True  # problem.grads is g at x_k (after a rejection: at the rejected point)
         while norm > self.tol * initial:
             step = self._step(newton, history, products, step_size)
             if calls == self.max_steps:
-                blind = previous is not None and self._blind_is_safe(
+                blind = previous is not None and bool(check) and self._blind_is_safe(
                     problem, previous, point, check, step
                 )
                 if blind:
                     self._move(problem, step)
                 return ProjectionResult(calls, initial, norm, safeguards, blind)
             accelerated = bool(history.x_steps)
-            last = calls + 1 == self.max_steps  # its evaluation decides the blind step
+            last = calls + 1 == self.max_steps and fresh  # it decides the blind step
             along = [inner_device(problem.grads, step), squared_norm_device(step)] if last else []
             self._move(problem, step)
             evaluation = problem.evaluate(self._reductions(problem, along))
@@ -212,12 +213,13 @@ class AndersonProjection:
                 safeguards += 1
                 if not accelerated:
                     step_size /= 2
-                previous, products = None, products[:1]
+                previous, products, fresh = None, products[:1], False
                 continue
             new_newton = self._newton(problem, trial)
             torch._foreach_sub_(newton, new_newton)  # becomes D = p_k − p_{k+1} in place
             history.append(step, newton)
             previous, point, newton, check = point, trial, new_newton, evaluation.values[2:]
+            fresh = True
             norm, products = self._reduce(point, newton, history)
         return ProjectionResult(calls, initial, norm, safeguards)
 
@@ -321,8 +323,8 @@ class AndersonProjection:
             return False
         model = 0.5 * (point.offset_sq + 2 * offset_step + step_sq)
         model += 0.5 * (point.mismatch + grad_step) ** 2
-        # the model's error on the last step, scaled like a curvature term, with a margin of 2
-        error = 2 * abs(point.phi - predicted) * step_sq / last_sq
+        # the model's error on the last step, scaled by the step length, with a margin of 2
+        error = 2 * abs(point.phi - predicted) * math.sqrt(step_sq / last_sq)
         return model + error < point.phi
 
 
