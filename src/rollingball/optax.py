@@ -148,33 +148,6 @@ def _zero_like(tree: Any) -> Any:
     return jax.tree.map(jnp.zeros_like, tree)
 
 
-class _Packing:
-    """A pytree's leaves packed into one flat vector per dtype, so that the compiled
-    projection does not grow with the number of leaves (pack copies, unpack slices)."""
-
-    def __init__(self, tree: Any) -> None:
-        leaves, self.treedef = jax.tree.flatten(tree)
-        self.shapes = [leaf.shape for leaf in leaves]
-        dtypes = sorted({jnp.dtype(leaf.dtype) for leaf in leaves}, key=str)
-        self.members = [[i for i, leaf in enumerate(leaves) if leaf.dtype == d] for d in dtypes]
-
-    def pack(self, tree: Any) -> tuple[jax.Array, ...]:
-        leaves = jax.tree.leaves(tree)
-        return tuple(
-            jnp.concatenate([jnp.ravel(leaves[i]) for i in members]) for members in self.members
-        )
-
-    def unpack(self, vectors: tuple[jax.Array, ...]) -> Any:
-        leaves: list[Any] = [None] * len(self.shapes)
-        for vector, members in zip(vectors, self.members, strict=True):
-            start = 0
-            for i in members:
-                size = math.prod(self.shapes[i])
-                leaves[i] = vector[start : start + size].reshape(self.shapes[i])
-                start += size
-        return jax.tree.unflatten(self.treedef, leaves)
-
-
 # --- the projection (`rollingball.optim.rbo._Projection` and `optim.projection`) ---
 
 
@@ -400,7 +373,10 @@ def _anderson_projection(
             "valid": valid,
             "head": jnp.where(reject, head, (head + 1) % memory),
             "before": pick(c["before"], point),
-            "has_before": ~reject,
+            # the rule needs ⟨g, δ⟩ with g at x_k: not after a rejection, where the torch
+            # solver holds the rejected point's gradient
+            "has_before": ~reject & c["fresh"],
+            "fresh": ~reject,
             "check": jnp.where(reject, c["check"], check),
             "bad": bad | (~reject & ~jnp.isfinite(norm)),
         }
@@ -425,6 +401,7 @@ def _anderson_projection(
         "head": zero,
         "before": start,
         "has_before": jnp.zeros((), bool),
+        "fresh": jnp.ones((), bool),
         "check": jnp.zeros((2,), acc),
         "bad": start_bad | ~jnp.isfinite(initial),
     }
@@ -447,7 +424,8 @@ def _blind_is_safe(
     On the last step δ_last, from x_{k−1} to x_k, the model predicted
     φ̂ = ½‖u_k‖² + ½(m_{k−1} + ⟨g_{k−1}, δ_last⟩)²; at x_k it predicts for δ
     φ_GN = ½‖u + δ‖² + ½(m + ⟨g, δ⟩)². δ is taken when (1) |φ(x_k) − φ̂| ≤ trust·(φ(x_{k−1}) − φ̂),
-    (2) ‖δ‖ ≤ contraction·‖δ_last‖ and (3) φ_GN + 2|φ(x_k) − φ̂|·‖δ‖²/‖δ_last‖² < φ(x_k).
+    (2) ‖δ‖ ≤ contraction·‖δ_last‖ and (3) φ_GN + 2|φ(x_k) − φ̂|·‖δ‖/‖δ_last‖ < φ(x_k).
+    Only when the step to x_k did not follow a rejected trial point.
     """
     acc = problem.acc
     linear, last_sq = check[0], check[1]
@@ -457,8 +435,8 @@ def _blind_is_safe(
     step_sq = _inner(step, step, acc)
     model = 0.5 * (point.offset_sq + 2 * offset_step + step_sq)
     model = model + 0.5 * (point.mismatch + grad_step) ** 2
-    # the model's error on the last step, scaled like a curvature term, with a margin of 2
-    error = 2 * jnp.abs(point.phi - predicted) * step_sq / last_sq
+    # the model's error on the last step, scaled by the step length, with a margin of 2
+    error = 2 * jnp.abs(point.phi - predicted) * jnp.sqrt(step_sq / last_sq)
     return (
         (decrease > problem.phi_noise(point.mismatch, point.phi))
         & (jnp.abs(point.phi - predicted) <= ANDERSON_TRUST * decrease)
@@ -609,25 +587,23 @@ def rbo(
             outcome = _Outcome(zero, norm, norm, zero, jnp.zeros((), bool), bad)
             return _finish(sgd(v), v, outcome, state, acc)
 
-        packing = _Packing(params)
-        x0 = packing.pack(params)
         value_and_grad = jax.value_and_grad(value_fn)
 
         def landscape(x: Any) -> tuple[jax.Array, Any]:
-            loss, loss_grad = value_and_grad(packing.unpack(x), **extra_args)
-            return landscape_at(loss, packing.pack(loss_grad), x, acc)
+            loss, loss_grad = value_and_grad(x, **extra_args)
+            return landscape_at(loss, loss_grad, x, acc)
 
-        f0, g = landscape_at(value, packing.pack(grad), x0, acc)
+        f0, g = landscape_at(value, grad, params, acc)
         grad_sq = _inner(g, g, acc)
         start_bad = ~jnp.isfinite(f0) | ~jnp.isfinite(grad_sq)
-        v = tangent(g, None if not momentum else packing.pack(state.momentum))
+        v = tangent(g, state.momentum)
 
         def roll(rho: Any) -> tuple[Any, _Outcome]:
             """Seat the ball, move its centre along the tangent, project it onto the graph."""
             s = jnp.sqrt(1 + grad_sq)
             offset = _combine((rho / s, g), (lr, v))  # u = θ − θ̃ = ρ g/s + η v
             lift = rho / s - lr * (grad_sq if not momentum else _inner(g, v, acc))
-            problem = _Problem(landscape, x0, f0, jnp.asarray(lift, acc), acc, eps)
+            problem = _Problem(landscape, params, f0, jnp.asarray(lift, acc), acc, eps)
             if projection == "gd":
                 displacement, outcome = _gd_projection(
                     problem, offset, g, grad_sq, start_bad, projection_steps, projection_step_size,
@@ -648,7 +624,7 @@ def rbo(
             delta, outcome = jax.lax.cond(rho == 0, lambda: (sgd(v), skip), lambda: roll(rho))
         else:
             delta, outcome = roll(radius)
-        return _finish(packing.unpack(delta), packing.unpack(v), outcome, state, acc)
+        return _finish(delta, v, outcome, state, acc)
 
     def _finish(
         delta: Any, v: Any, outcome: _Outcome, state: RBOState, acc: Any
