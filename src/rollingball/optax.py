@@ -204,7 +204,6 @@ def _gd_projection(
     problem: _Problem,
     offset: Any,
     grad: Any,
-    grad_sq: jax.Array,
     start_bad: jax.Array,
     max_steps: int,
     step_size: float,
@@ -606,7 +605,7 @@ def rbo(
             problem = _Problem(landscape, params, f0, jnp.asarray(lift, acc), acc, eps)
             if projection == "gd":
                 displacement, outcome = _gd_projection(
-                    problem, offset, g, grad_sq, start_bad, projection_steps, projection_step_size,
+                    problem, offset, g, start_bad, projection_steps, projection_step_size,
                     projection_tol,
                 )  # fmt: skip
             else:
