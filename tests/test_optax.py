@@ -396,3 +396,11 @@ def test_flax_nnx_example_trains():
     options = ["--width", "16", "--batch", "64", "--projection", "gd", "--projection-steps", "2"]
     losses = example.main(["--steps", "40", *options])  # gd: the quicker loop to compile
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_the_jax_extra_does_not_bring_torch():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    names = [*project["dependencies"], *project["optional-dependencies"]["jax"]]
+    assert not [name for name in names if name.lower().startswith("torch")]
+    assert {"jax", "optax"} <= {name.split(">")[0].split("=")[0] for name in names}
