@@ -28,7 +28,8 @@ def train(
     dtype: torch.dtype | None, scaler: LossScaler | None = None, **kwargs: Any
 ) -> tuple[nn.Module, RBO, list[float | None]]:
     model = make_model()
-    opt = RBO(model.parameters(), **({"lr": 0.5, "radius": 0.5} | kwargs))  # type: ignore[arg-type]
+    converged = {"lr": 0.5, "radius": 0.5, "projection_steps": 20, "anderson_memory": 5}
+    opt = RBO(model.parameters(), **(converged | kwargs))  # type: ignore[arg-type]
     x, y = make_batch()
 
     def loss_fn() -> torch.Tensor:

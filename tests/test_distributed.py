@@ -30,7 +30,14 @@ STEPS = 4
 CASES: dict[str, tuple[dict[str, Any], torch.dtype, float]] = {
     "anderson": (dict(lr=0.3, radius=0.5), torch.float64, 1.0),
     "gd": (
-        dict(lr=0.3, radius=0.5, projection="gd", projection_step_size=0.5, projection_tol=1e-3),
+        dict(
+            lr=0.3,
+            radius=0.5,
+            projection="gd",
+            projection_steps=20,
+            projection_step_size=0.5,
+            projection_tol=1e-3,
+        ),
         torch.float64,
         1.0,
     ),

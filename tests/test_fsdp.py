@@ -24,7 +24,14 @@ BATCH = 8
 STEPS = 3
 CASES: dict[str, dict[str, Any]] = {
     "anderson": dict(lr=0.2, radius=0.5, weight_decay=1e-3),
-    "gd": dict(lr=0.2, radius=0.5, projection="gd", projection_step_size=0.5, momentum=0.5),
+    "gd": dict(
+        lr=0.2,
+        radius=0.5,
+        projection="gd",
+        projection_steps=20,
+        projection_step_size=0.5,
+        momentum=0.5,
+    ),
 }
 
 

@@ -28,7 +28,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
 STEPS = 4
 # the projection settings are explicit, so that the counts below do not follow the defaults
-RBO_ARGS: dict[str, Any] = dict(lr=0.5, radius=0.5, projection_steps=20, projection_tol=1e-4)
+# the converged projection (K = 20, memory 5), so that the calls per step vary with the step
+RBO_ARGS: dict[str, Any] = dict(
+    lr=0.5, radius=0.5, projection_steps=20, projection_tol=1e-4, anderson_memory=5
+)
 
 
 def make_data() -> TensorDataset:

@@ -33,6 +33,7 @@ from rollingball.experiments.config import (
     config_to_dict,
 )
 from rollingball.experiments.data import load_data, num_batches
+from rollingball.experiments.optimizers import optimizer_defaults
 from rollingball.experiments.plots import plot_curves
 from rollingball.experiments.report import (
     aggregate,
@@ -243,6 +244,16 @@ def compare(
     return {"rows": rows, "table": table, "plots": plots, "seconds": elapsed}
 
 
+def _projection_defaults() -> str:
+    """RBO's projection settings in the registry, as a report states them."""
+    rbo = optimizer_defaults("rbo")
+    return (
+        f"at most {rbo['projection_steps']} trial points and a blind last step, tolerance "
+        f"{rbo['projection_tol']:g} relative to the starting residual, Anderson memory "
+        f"{rbo['anderson_memory']}"
+    )
+
+
 def _report_markdown(
     spec: CompareSpec,
     runs: list[tuple[str, RunConfig]],
@@ -266,8 +277,8 @@ def _report_markdown(
     ]
     if projections:
         lines += [
-            "RBO's projection (means over all steps; at most 20 iterations, tolerance 1e-4 "
-            "relative to the starting residual):",
+            "RBO's projection (means over all steps; the registry's projection settings "
+            f"unless listed below: {_projection_defaults()}):",
             "",
             projections,
         ]

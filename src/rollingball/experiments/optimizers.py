@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from rollingball import defaults
+
 __all__ = [
     "OPTIMIZERS",
     "CountingClosure",
@@ -141,11 +143,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         {
             "lr": 0.1,
             "radius": 1.0,
-            "projection": "anderson",
-            "projection_steps": 20,
-            "projection_step_size": 1.0,
-            "projection_tol": 1e-4,
-            "anderson_memory": 5,
+            "projection": defaults.PROJECTION,
+            "projection_steps": defaults.PROJECTION_STEPS,
+            "projection_step_size": defaults.PROJECTION_STEP_SIZE,
+            "projection_tol": defaults.PROJECTION_TOL,
+            "anderson_memory": defaults.ANDERSON_MEMORY,
             "momentum": 0.0,
             "weight_decay": 0.0,
         },

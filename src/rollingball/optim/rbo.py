@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from rollingball import defaults
 from rollingball.optim.batchnorm import first_call_updates_batchnorm
 from rollingball.optim.closure import StepClosure
 from rollingball.optim.geometry import (
@@ -255,14 +256,18 @@ class RBO(Optimizer):
         radius: ρ >= 0, the ball's radius; one ball, so every group holds the same radius.
             `radius=0` is exactly torch.optim.SGD (one closure call per step).
         projection: "anderson" (accelerated, default) or "gd" (the authors' scheme).
-        projection_steps: K, the most projection iterations per step.
+        projection_steps: K, the most projection trial points per step (a step costs at most
+            1 + K closure calls; gd: K iterations, K calls); when K runs out the solver still
+            takes the step its last evaluation points to, unevaluated (`blind_step`).
         projection_step_size: γ, the step of the fixed-point iteration x ← x − γ r(x).
-        projection_tol: stop when ‖r(x)‖ <= tol·‖r(θ)‖; 0 runs all K iterations.
+        projection_tol: stop when ‖r(x)‖ <= tol·‖r(θ)‖; 0 runs all K iterations. The
+            defaults (K = 2, tol = 1e-4, m = 1: 3 closure calls) come from the cost frontier in
+            docs/results.md; K = 20 with m = 5 is the converged projection.
         momentum: μ, heavy ball on the centre's tangent step: v ← μ v + g (per group).
         weight_decay: λ, part of the landscape: f + λ/2 ‖θ‖² (per group).
         loss_scale: κ, scale of the vertical axis: the landscape is κ f.
         maximize: roll on −f.
-        anderson_memory: m, the differences the Anderson solver keeps; a step holds 2m + 5
+        anderson_memory: m, the differences the Anderson solver keeps; a step holds 2m + 3
             parameter-sized buffers at its peak (gd: 2).
         on_nonfinite: "raise" (FloatingPointError) or "skip" the step; either way the
             parameters are left bit-for-bit as they were before the step.
@@ -291,15 +296,15 @@ class RBO(Optimizer):
         params: Iterable[Any],
         lr: float = 1e-3,
         radius: float = 1.0,
-        projection: str = "anderson",
-        projection_steps: int = 20,
-        projection_step_size: float = 1.0,
-        projection_tol: float = 1e-4,
+        projection: str = defaults.PROJECTION,
+        projection_steps: int = defaults.PROJECTION_STEPS,
+        projection_step_size: float = defaults.PROJECTION_STEP_SIZE,
+        projection_tol: float = defaults.PROJECTION_TOL,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         loss_scale: float = 1.0,
         maximize: bool = False,
-        anderson_memory: int = 5,
+        anderson_memory: int = defaults.ANDERSON_MEMORY,
         on_nonfinite: str = "raise",
         process_group: Any = None,
         fixed_randomness: bool = True,

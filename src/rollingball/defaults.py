@@ -1,0 +1,14 @@
+"""RBO's default projection settings, one place for the torch optimizer and the optax
+transformation (importable without torch or jax).
+
+Chosen by the cost frontier in docs/results.md (`python -m rollingball.experiments.frontier`):
+the cheapest projection whose test accuracy stays within the seed noise of the converged
+projection on MNIST-1D and digits. Two trial points and the blind last step: at most 3 closure
+calls per step; memory 1 keeps a step's peak at 5 parameter copies.
+"""
+
+PROJECTION = "anderson"
+PROJECTION_STEPS = 2
+PROJECTION_STEP_SIZE = 1.0
+PROJECTION_TOL = 1e-4
+ANDERSON_MEMORY = 1
