@@ -26,7 +26,7 @@ def wrinkled(x: torch.Tensor) -> torch.Tensor:
 
 def roll(radius: float, steps: int = 3000):
     x = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
-    opt = RBO([x], lr=0.01, radius=radius)
+    opt = RBO([x], lr=0.01, radius=radius, projection_steps=20, anderson_memory=5)  # converged
 
     def closure():
         opt.zero_grad()
