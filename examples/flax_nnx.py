@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from rollingball import defaults
 from rollingball.optax import rbo
 
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--projection", choices=["anderson", "gd"], default="anderson")
-    parser.add_argument("--projection-steps", type=int, default=20)
+    parser.add_argument("--projection-steps", type=int, default=defaults.PROJECTION_STEPS)
     args = parser.parse_args(argv)
 
     model = create_model(args.width)

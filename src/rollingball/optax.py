@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rollingball import defaults
+
 Schedule = Callable[[jax.Array], Any]
 ScalarOrSchedule = float | Schedule
 
@@ -491,14 +493,14 @@ def _ring_sum(
 def rbo(
     learning_rate: ScalarOrSchedule = 1e-3,
     radius: ScalarOrSchedule = 1.0,
-    projection: str = "anderson",
-    projection_steps: int = 20,
-    projection_step_size: float = 1.0,
-    projection_tol: float = 1e-4,
+    projection: str = defaults.PROJECTION,
+    projection_steps: int = defaults.PROJECTION_STEPS,
+    projection_step_size: float = defaults.PROJECTION_STEP_SIZE,
+    projection_tol: float = defaults.PROJECTION_TOL,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     loss_scale: float = 1.0,
-    anderson_memory: int = 5,
+    anderson_memory: int = defaults.ANDERSON_MEMORY,
 ) -> optax.GradientTransformationExtraArgs:
     """The Rolling Ball Optimizer as an optax transformation; arguments as `rollingball.RBO`.
 
