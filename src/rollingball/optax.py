@@ -353,11 +353,8 @@ def _anderson_projection(
         products = _ring_inners(d_steps, d, acc)
         gram = c["gram"].at[head, :].set(products).at[:, head].set(products)
         norm = trial.residual_norm(_inner(trial_p, trial_p, acc))
-        # "a rejected plain step halves γ", with the history counted as the torch solver
-        # counts it: after the oldest difference left a full window (so with m = 1 every
-        # rejected step halves γ)
-        kept = c["valid"].sum()
-        accelerated = jnp.where(kept == memory, kept > 1, kept > 0)
+        # a rejected plain step halves γ; an accelerated one (any kept difference) does not
+        accelerated = c["valid"].sum() > 0
         gamma = jnp.where(reject & ~accelerated, c["gamma"] / 2, c["gamma"])
         valid = jnp.where(reject, jnp.zeros_like(c["valid"]), c["valid"].at[head].set(True))
         gram = jnp.where(reject, c["gram"], gram)

@@ -192,6 +192,7 @@ class AndersonProjection:
         check: list[float] = []  # ⟨g, δ⟩ and ‖δ‖² of the step to the last evaluated point
         fresh = True  # problem.grads is g at x_k (after a rejection: at the rejected point)
         while norm > self.tol * initial:
+            accelerated = bool(history.x_steps)  # before the step drops the oldest difference
             step = self._step(newton, history, products, step_size)
             if calls == self.max_steps:
                 blind = previous is not None and bool(check) and self._blind_is_safe(
@@ -200,7 +201,6 @@ class AndersonProjection:
                 if blind:
                     self._move(problem, step)
                 return ProjectionResult(calls, initial, norm, safeguards, blind)
-            accelerated = bool(history.x_steps)
             last = calls + 1 == self.max_steps and fresh  # it decides the blind step
             along = [inner_device(problem.grads, step), squared_norm_device(step)] if last else []
             self._move(problem, step)
