@@ -35,18 +35,10 @@ def _quadratic(n=5, seed=0):
 
 
 def _rbo_step(fn, theta, **kw):
-    p = nn.Parameter(theta.clone())
-    opt = RBO([p], **kw)
-
-    def closure():
-        opt.zero_grad()
-        loss = fn(p)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    assert opt.last_stats["converged"]
-    return p.detach()
+    """One RBO step whose projection must converge."""
+    moved, stats = _rbo_step_and_stats(fn, theta, **kw)
+    assert stats["converged"]
+    return moved
 
 
 @pytest.mark.parametrize(("lr", "radius"), [(0.1, 0.2), (0.5, 0.3), (0.3, 0.01)])
@@ -186,7 +178,8 @@ def test_truncated_projection_rate_on_an_affine_loss():
     assert rate == pytest.approx(1 - (1 - 1e-3 * 3.44) ** 100) and rate < 0.3
 
 
-def _rbo_step_any(fn, theta, **kw):
+def _rbo_step_and_stats(fn, theta, **kw):
+    """One RBO step from θ: the new point and the step's `last_stats`."""
     p = nn.Parameter(theta.clone())
     opt = RBO([p], **kw)
 
@@ -197,7 +190,12 @@ def _rbo_step_any(fn, theta, **kw):
         return loss
 
     opt.step(closure)
-    return p.detach()
+    return p.detach(), opt.last_stats
+
+
+def _rbo_step_any(fn, theta, **kw):
+    """One RBO step, converged or not."""
+    return _rbo_step_and_stats(fn, theta, **kw)[0]
 
 
 def test_linear_factor_and_the_edge_of_stability():

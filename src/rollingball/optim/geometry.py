@@ -26,16 +26,6 @@ def squared_norm(tensors: list[Tensor]) -> float:
     return to_host([squared_norm_device(tensors)])[0]
 
 
-def inner(a: list[Tensor], b: list[Tensor]) -> float:
-    """⟨a, b⟩ = Σ_t ⟨a_t, b_t⟩, each term in its own dtype, the sum in float64."""
-    return to_host([inner_device(a, b)])[0]
-
-
-def inners(lefts: list[list[Tensor]], right: list[Tensor]) -> list[float]:
-    """[⟨a, b⟩ for a in lefts]: one host synchronisation for all of them together."""
-    return to_host([inner_device(a, right) for a in lefts])
-
-
 def to_host(values: list[Tensor]) -> list[float]:
     """Device scalars as Python floats: the step's one kind of host synchronisation, one for
     all the values together."""

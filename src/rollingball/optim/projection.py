@@ -195,8 +195,10 @@ class AndersonProjection:
             accelerated = bool(history.x_steps)  # before the step drops the oldest difference
             step = self._step(newton, history, products, step_size)
             if calls == self.max_steps:
-                blind = previous is not None and bool(check) and self._blind_is_safe(
-                    problem, previous, point, check, step
+                blind = (
+                    previous is not None
+                    and bool(check)
+                    and self._blind_is_safe(problem, previous, point, check, step)
                 )
                 if blind:
                     self._move(problem, step)
