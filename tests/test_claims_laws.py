@@ -9,6 +9,7 @@ from torch import nn
 
 from rollingball import RBO
 from rollingball.experiments.claims.laws import (
+    first_order_step,
     quadratic_step,
     rbo_linear_factor,
     rbo_stability_threshold,
@@ -216,3 +217,148 @@ def test_linear_factor_and_the_edge_of_stability():
     usam_edge = usam_stability_threshold(lr, radius)
     assert 1 - lr * usam_edge * (1 + radius * usam_edge) == pytest.approx(-1.0)
     assert usam_stability_threshold(lr, 0.0) == 2 / lr
+
+
+# With heavy-ball momentum μ: v = μ v_prev + g, the centre moves to θ̃ = θ − (ρ/s) g − η v,
+# ỹ = f + ρ/s − η gᵀv. RBO's first step has v = g (v_prev = g, as torch.optim.SGD), so these
+# tests take a plain first step and compare the second.
+
+
+def _two_steps(fn, theta, first_lr, lr, radius, momentum):
+    """Step 1: radius 0 at first_lr (gradient descent, buffer = g₀); step 2 at (lr, radius).
+
+    Returns θ₁, the velocity buffer after step 1, and θ₂ − θ₁. Step 1 does not depend on
+    (lr, radius), so neither do θ₁ and v_prev = g₀.
+    """
+    p = nn.Parameter(theta.clone())
+    opt = RBO([p], lr=first_lr, radius=0.0, momentum=momentum, **CONVERGED)
+
+    def closure():
+        opt.zero_grad()
+        loss = fn(p)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    theta1 = p.detach().clone()
+    buffer = opt.state[p]["momentum_buffer"].clone()
+    opt.param_groups[0].update(lr=lr, radius=radius)
+    opt.step(closure)
+    assert opt.last_stats["converged"]
+    return theta1, buffer, p.detach() - theta1
+
+
+@pytest.mark.parametrize(("lr", "radius"), [(0.1, 0.2), (0.3, 0.01)])
+def test_quadratic_step_with_momentum_is_exact(lr, radius):
+    # θ⁺ = θ − (I − tH)⁻¹ [η v + (ρ/s − t) g], t the centre's height over the contact point
+    hessian, linear = _quadratic()
+    theta = 0.5 * torch.randn(5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mu = 0.9
+
+    def f(x):
+        return 0.5 * x @ hessian @ x + linear @ x
+
+    theta1, buffer, delta = _two_steps(f, theta, 0.05, lr, radius, mu)
+    g0, g1 = hessian @ theta + linear, hessian @ theta1 + linear
+    assert torch.equal(buffer, g0)
+    v = mu * g0 + g1
+    predicted, _, _ = quadratic_step(hessian, linear, theta1, lr, radius, velocity=v)
+    assert torch.allclose(theta1 + delta, predicted, rtol=0, atol=1e-12)
+    # the momentum matters: the no-momentum form is far off
+    plain, _, _ = quadratic_step(hessian, linear, theta1, lr, radius)
+    assert (plain - predicted).norm() > 0.3 * delta.norm()
+
+
+def _net_loss():
+    model, x, y = _net()
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def f(vector):
+        chunks, start = {}, 0
+        for name, p in zip(names, params, strict=True):
+            chunks[name] = vector[start : start + p.numel()].view_as(p)
+            start += p.numel()
+        return nn.functional.cross_entropy(torch.func.functional_call(model, chunks, (x,)), y)
+
+    return f, flat
+
+
+def test_small_radius_rbo_with_momentum_follows_the_first_order_law():
+    # Δ = −η [v + (ρ/s)(Hv − (gᵀHv/s²) g) + (η/2)(vᵀHv/s²) g] + O(ηρ² + η²ρ + η³):
+    # USAM's curvature term acts on the whole velocity v, not on g
+    f, flat = _net_loss()
+    mu, lr = 0.9, 1e-3
+    errors, sizes, naive = [], [], []
+    for radius in (0.2, 0.1, 0.05):
+        theta1, buffer, delta = _two_steps(f, flat, 0.5, lr, radius, mu)
+        g = torch.func.grad(f)(theta1)
+        v = mu * buffer + g
+        hv = torch.func.jvp(torch.func.grad(f), (theta1,), (v,))[1]
+        hg = torch.func.jvp(torch.func.grad(f), (theta1,), (g,))[1]
+        law = first_order_step(lr, radius, g, v, hv)
+        s = math.sqrt(1 + float(g @ g))
+        errors.append(float((delta - law).norm()))
+        sizes.append(float((delta + lr * v).norm()))  # what RBO adds to heavy ball, O(ηρ)
+        # the same heavy ball with USAM's term on g alone (its buffer = RBO's) misses μρHv_prev
+        naive.append(float((delta + lr * (v + radius / s * hg)).norm()))
+    # measured: error / size = 0.110, 0.055, 0.028; error ratios 4.25, 4.11; naive 0.55-0.59
+    assert errors[-1] < 0.04 * sizes[-1]
+    for big, small in itertools.pairwise(errors):  # halving ρ divides it by ≈ 4
+        assert 3.5 < big / small < 4.6
+    assert min(n / size for n, size in zip(naive, sizes, strict=True)) > 0.3
+
+
+def test_small_step_direction_with_momentum_is_the_limit_of_the_step():
+    # lim_{η→0} Δ/η = −M [v − g gᵀ(M − I) v / (1 + gᵀMg)], M = (I − (ρ/s)H)⁻¹, ρλ/s < 1
+    f, flat = _net_loss()
+    mu, radius = 0.9, 0.5
+    for lr, tol in ((1e-3, 3e-4), (1e-4, 3e-5)):  # the error is O(η): measured 1.4e-4, 1.4e-5
+        theta1, buffer, delta = _two_steps(f, flat, 0.5, lr, radius, mu)
+        hessian = torch.autograd.functional.hessian(f, theta1, vectorize=True)
+        g = torch.func.grad(f)(theta1)
+        assert radius * float(torch.linalg.eigvalsh(hessian)[-1]) < 1
+        v = mu * buffer + g
+        direction = small_step_direction(hessian, g, radius, velocity=v)
+        assert (delta / lr - direction).norm() / direction.norm() < tol
+    assert (direction + v).norm() / v.norm() > 0.01  # not the heavy-ball step
+    assert (direction - small_step_direction(hessian, g, radius)).norm() > direction.norm() / 2
+
+
+def test_usam_with_momentum_is_rbo_with_momentum_on_a_quadratic_near_its_minimum():
+    # constant H and ‖g‖ → 0: USAM's buffer b = Σ μᵏ (I + ρH) g_k = (I + ρH) v, so its step
+    # −η (I + ρH) v is RBO's −η (I − ρH)⁻¹ v to O(ηρ²): whole trajectories agree to O(ρ²)
+    hessian, _ = _quadratic()
+    hessian = hessian + 0.5 * torch.eye(5, dtype=torch.float64)  # positive definite
+    theta = 1e-3 * torch.tensor([1.0, -2.0, 0.5, 1.0, 3.0], dtype=torch.float64)
+    lr, mu, steps = 0.05, 0.9, 20
+
+    def f(x):
+        return 0.5 * x @ hessian @ x
+
+    def path(opt_class, **kw):
+        p = nn.Parameter(theta.clone())
+        opt = opt_class([p], lr=lr, momentum=mu, **kw)
+
+        def closure():
+            opt.zero_grad()
+            loss = f(p)
+            loss.backward()
+            return loss
+
+        for _ in range(steps):
+            opt.step(closure)
+        return p.detach()
+
+    errors, sizes = [], []
+    for radius in (0.1, 0.05, 0.025):
+        rbo = path(RBO, radius=radius, **CONVERGED)
+        usam = path(USAM, rho=radius)
+        heavy_ball = path(torch.optim.SGD)
+        errors.append(float((rbo - usam).norm()))
+        sizes.append(float((rbo - heavy_ball).norm()))
+    # measured: error / size = 0.22, 0.12, 0.061; error ratios 3.9, 4.4
+    assert errors[-1] < 0.1 * sizes[-1]
+    for big, small in itertools.pairwise(errors):
+        assert 3.5 < big / small < 4.6

@@ -7,9 +7,18 @@ One step on one minibatch, two closure calls, with L the closure's loss:
     b  ← μ b + d  (b = d at the first step)      heavy ball as torch.optim.SGD (μ = momentum)
     θ  ← θ − η b                    (η = lr; with μ = 0 this is θ − η ∇L(θ + ρ ∇L(θ)))
 
-Unlike SAM, the perturbation ρ g is not normalized by ‖g‖. To first order in ρ it is RBO's
-step (docs/claims.md, law H1). Weight decay enters the update only, as in torch.optim.SGD and
-in SAM: the perturbation uses the closure's gradient.
+Unlike SAM, the perturbation ρ g is not normalized by ‖g‖. Without momentum it is, to first
+order in ρ, RBO's step at radius ρ/s, s = √(1 + ‖g‖²) (docs/claims.md, law H1). Weight decay
+enters the update only, as in torch.optim.SGD and in SAM: the perturbation uses the closure's
+gradient.
+
+With momentum this is the usual USAM/SAM heavy ball (the buffer accumulates perturbed
+gradients, the perturbation follows g), which is *not* RBO with momentum to first order in ρ.
+RBO's step is −η [v + (ρ/s)(I − g gᵀ/s²) H v + O(ρ² + η)] with v = μ v_prev + g: the
+curvature term acts on the whole velocity, i.e. ≈ −η [μ v_prev + ∇L(θ + (ρ/s) v)], a heavy
+ball of plain gradients whose new gradient is taken a step ρ/s ahead along the velocity. The
+two agree only where H is constant over the momentum's memory (on a quadratic, b = (I + ρH) v
+and both steps are −η (I + ρH) v to O(ρ²); docs/claims.md, H1 with momentum).
 """
 
 from __future__ import annotations

@@ -128,6 +128,65 @@ def top_eigenvalue(model: nn.Module, loss_fn: Loss, x: Tensor, y: Tensor) -> flo
     )
 
 
+def top_eigenpair(
+    model: nn.Module,
+    loss_fn: Loss,
+    x: Tensor,
+    y: Tensor,
+    start: Tensor | None = None,
+    iterations: int = 30,
+    tol: float = 1e-4,
+    seed: int = 0,
+) -> tuple[float, Tensor]:
+    """(λ_max, its unit eigenvector) of the full-batch Hessian by Lanczos, warm-startable.
+
+    The same Lanczos as ``hessian_top_eigenvalue`` (full re-orthogonalisation, stop when the
+    top Ritz pair's residual β_j |s_j| ≤ tol·|θ_j|), started from ``start`` — the previous
+    eigenvector along a trajectory — mixed with a seeded random vector of a third of its
+    weight, so that a start orthogonal to the new top eigenvector cannot stop Lanczos at a
+    lower one. It takes at least 3 products. Along a slowly moving trajectory the warm start
+    needs a few products instead of tens.
+    """
+    params = list(model.parameters())
+    with torch.enable_grad():
+        grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+
+    def product(vector: Tensor) -> Tensor:
+        out = torch.autograd.grad(flat, params, vector, retain_graph=True)
+        return torch.cat([o.reshape(-1) for o in out])
+
+    n = flat.numel()
+    q = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=flat.dtype)
+    q = q / q.norm()
+    if start is not None:
+        q = start / start.norm() + q / 3
+    basis = [q / q.norm()]
+    alphas: list[float] = []
+    betas: list[float] = []
+    top, ritz = 0.0, basis[0]
+    for j in range(min(iterations, n)):
+        w = product(basis[-1]).detach()
+        alphas.append(float(w @ basis[-1]))
+        stack = torch.stack(basis)
+        for _ in range(2):  # full re-orthogonalisation, twice is enough
+            w = w - stack.T @ (stack @ w)
+        beta = float(w.norm())
+        tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+        values, vectors = torch.linalg.eigh(tridiagonal)
+        top = float(values[-1])
+        ritz = stack.T @ vectors[:, -1].to(stack.dtype)
+        converged = beta * abs(float(vectors[-1, -1])) <= tol * abs(top)
+        if (converged and j >= 2) or len(basis) == n or beta == 0:
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    return top, ritz / ritz.norm()
+
+
 def make_optimizer(name: str, params: Any, **hparams: Any) -> Optimizer:
     """RBO directly (every projection setting, anderson_memory too), others from the registry."""
     if name == "rbo":
@@ -156,11 +215,22 @@ def one_step(
     loss_fn: Loss,
     x: Tensor,
     y: Tensor,
+    buffer: Tensor | None = None,
     **hparams: Any,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """The step Δθ one optimizer takes from ``start`` on (x, y); the model is left at start."""
+    """The step Δθ one optimizer takes from ``start`` on (x, y); the model is left at start.
+
+    ``buffer`` (flat) is the heavy-ball momentum buffer the optimizer holds before the step
+    (``momentum_buffer`` in its state, as torch.optim.SGD, USAM and RBO all keep it).
+    """
     set_params(model, start)
     opt = make_optimizer(name, model.parameters(), **hparams)
+    if buffer is not None:
+        begin = 0
+        for p in model.parameters():
+            piece = buffer[begin : begin + p.numel()].view_as(p)
+            opt.state[p]["momentum_buffer"] = piece.clone()
+            begin += p.numel()
     opt.step(make_closure(model, opt, loss_fn, x, y))
     delta = flat_params(model) - start
     set_params(model, start)

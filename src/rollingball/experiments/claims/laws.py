@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "first_order_step",
     "quadratic_step",
     "rbo_linear_factor",
     "rbo_stability_threshold",
@@ -24,13 +25,24 @@ __all__ = [
 
 
 def quadratic_step(
-    hessian: Tensor, linear: Tensor, theta: Tensor, lr: float, radius: float, iterations: int = 100
+    hessian: Tensor,
+    linear: Tensor,
+    theta: Tensor,
+    lr: float,
+    radius: float,
+    iterations: int = 100,
+    velocity: Tensor | None = None,
 ) -> tuple[Tensor, float, float]:
     """RBO's exact step on f(x) = ½ xᵀHx + bᵀx: (θ⁺, t, a) with θ⁺ = θ − a (I − tH)⁻¹ g.
 
     Here a = η + ρ/s − t, and t is the scalar root of t = ỹ − f(θ⁺(t)), found by Newton's
     method from t = ρ/s (the root a local projection solver warm-started at θ reaches when
     I − tH stays positive definite).
+
+    With momentum the centre moves along the velocity v = μ v_prev + g (``velocity``):
+    θ̃ = θ − (ρ/s) g − η v, ỹ = f(θ) + ρ/s − η gᵀv, and the step is
+    θ⁺ = θ − (I − tH)⁻¹ [η v + (ρ/s − t) g] (which is the form above when v = g; ``a`` is
+    then still η + ρ/s − t, the coefficient of g alone).
     """
     eye = torch.eye(len(theta), dtype=theta.dtype)
 
@@ -38,12 +50,12 @@ def quadratic_step(
         return 0.5 * x @ hessian @ x + linear @ x
 
     g = hessian @ theta + linear
+    v = g if velocity is None else velocity
     s = math.sqrt(1.0 + float(g @ g))
-    shift = lr + radius / s
-    height = float(f(theta)) + radius / s - lr * float(g @ g)
+    height = float(f(theta)) + radius / s - lr * float(g @ v)
 
     def point(t: float) -> Tensor:
-        return theta - (shift - t) * torch.linalg.solve(eye - t * hessian, g)
+        return theta - torch.linalg.solve(eye - t * hessian, lr * v + (radius / s - t) * g)
 
     def mismatch(t: float) -> float:
         return t - height + float(f(point(t)))
@@ -56,19 +68,40 @@ def quadratic_step(
         t -= step
         if abs(step) <= 1e-15 * max(1.0, abs(t)):
             break
-    return point(t), t, shift - t
+    return point(t), t, lr + radius / s - t
 
 
-def small_step_direction(hessian: Tensor, grad: Tensor, radius: float) -> Tensor:
-    """lim_{η→0} (θ⁺ − θ)/η = −s² M g / (1 + gᵀMg), M = (I − (ρ/s) H)⁻¹, for any smooth f.
+def small_step_direction(
+    hessian: Tensor, grad: Tensor, radius: float, velocity: Tensor | None = None
+) -> Tensor:
+    """lim_{η→0} (θ⁺ − θ)/η for any smooth f, exact in ρ while I − (ρ/s)H is invertible.
 
-    To first order in ρ this is −(g + (ρ/s)(H g − κ g)) with κ = gᵀHg / s²: USAM's direction
-    at radius ρ/s, less the part κ g of the curvature term along g.
+    With M = (I − (ρ/s) H)⁻¹ and the centre moved along v (v = g without momentum,
+    v = μ v_prev + g with it): −M [v − g gᵀ(M − I) v / (1 + gᵀMg)], which for v = g is
+    −s² M g / (1 + gᵀMg). To first order in ρ it is −(v + (ρ/s)(H v − (gᵀHv/s²) g)): USAM's
+    curvature term, applied to the velocity, less its part along g.
     """
     s2 = 1.0 + float(grad @ grad)
+    v = grad if velocity is None else velocity
     eye = torch.eye(len(grad), dtype=grad.dtype)
-    mg = torch.linalg.solve(eye - (radius / math.sqrt(s2)) * hessian, grad)
-    return -s2 * mg / (1.0 + float(grad @ mg))
+    m = eye - (radius / math.sqrt(s2)) * hessian
+    mg, mv = torch.linalg.solve(m, grad), torch.linalg.solve(m, v)
+    # M[v − g gᵀ(M − I)v / (1 + gᵀMg)] = Mv − Mg (gᵀMv − gᵀv) / (1 + gᵀMg)
+    return -(mv - mg * float(grad @ mv - grad @ v) / (1.0 + float(grad @ mg)))
+
+
+def first_order_step(
+    lr: float, radius: float, grad: Tensor, velocity: Tensor, hv: Tensor
+) -> Tensor:
+    """RBO's step to first order in ρ and second in η: Δ = −η [v + (ρ/s)(Hv − (gᵀHv/s²) g)
+    + (η/2)(vᵀHv/s²) g], with v the velocity (g without momentum) and ``hv`` = H v.
+
+    The error is O(ηρ² + η²ρ + η³) (in units of ‖v‖); for v = g it is
+    Δ_USAM(ρ/s) + η (ρ/s − η/2) κ g with κ = gᵀHg/s² (docs/claims.md, H1).
+    """
+    s2 = 1.0 + float(grad @ grad)
+    along = (radius / math.sqrt(s2)) * float(grad @ hv) - 0.5 * lr * float(velocity @ hv)
+    return -lr * (velocity + (radius / math.sqrt(s2)) * hv - (along / s2) * grad)
 
 
 def truncated_rate(lr: float, step_size: float, steps: int, grad_sq: float) -> float:
