@@ -6,8 +6,9 @@ Two measurements, side by side for each optimizer:
 - peak RSS: an MLP 2048-W-W-W (42 M parameters at W = 4096), batch 64, one process per
   optimizer. After two warm-up steps the kernel's peak-RSS counter is reset
   (/proc/self/clear_refs) and the peak of a bare closure call is measured; reset again, the
-  peak of one `step`. (step peak − closure peak) / parameter bytes is the step's extra memory,
-  temporaries included.
+  peak of one `step`. (step peak − closure peak + kept buffers) / parameter bytes is the step's
+  extra memory, temporaries included: on the CPU RBO keeps its step's buffers for the next
+  step (its workspace), resident during both measurements, so they are added.
 - tracker: every tensor `step` allocates outside the closure, counted by
   `rollingball.optim.memory.peak_step_memory` (MLP 784-1024-1024-10).
 With --device cuda the peak is CUDA's max allocated memory instead of peak RSS.
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from rollingball import RBO
-from rollingball.optim.memory import peak_step_memory
+from rollingball.optim.memory import peak_step_memory, workspace_tensors
 
 OPTIMIZERS = {
     "Adam": lambda p: torch.optim.Adam(p, lr=1e-3),
@@ -106,13 +107,14 @@ def rss_in_this_process(name: str, width: int, device_name: str = "cpu") -> dict
     base = reset()
     opt.step(closure)
     step_peak = peak() - base
+    kept = sum(t.untyped_storage().nbytes() for t in workspace_tensors(opt))
     return {
         "params_millions": param_bytes / 4 / 1e6,
-        "extra_copies": (step_peak - closure_peak) / param_bytes,
+        "extra_copies": (step_peak - closure_peak + kept) / param_bytes,
     }
 
 
-def tracker(name: str) -> tuple[float, float]:
+def tracker(name: str) -> tuple[float, float, float]:
     torch.manual_seed(0)
     x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
     model = nn.Sequential(
@@ -128,7 +130,7 @@ def tracker(name: str) -> tuple[float, float]:
 
     opt.step(closure)  # the first step creates the state
     memory = peak_step_memory(opt, closure)
-    return memory.state_buffers, memory.peak_buffers
+    return memory.state_buffers, memory.workspace_bytes / memory.param_bytes, memory.peak_buffers
 
 
 def main() -> None:
@@ -140,9 +142,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(rss_in_this_process(args.child, args.width, args.device)))
         return
-    print(f"{'optimizer':26s} {'state':>6s} {'tracker peak':>13s} {'peak extra':>11s}")
+    print(f"{'optimizer':26s} {'state':>6s} {'kept':>5s} {'tracker peak':>13s} {'peak extra':>11s}")
     for name in OPTIMIZERS:
-        state, peak = tracker(name)
+        state, kept, peak = tracker(name)
         child = subprocess.run(
             [
                 sys.executable,
@@ -159,7 +161,7 @@ def main() -> None:
             text=True,
         )
         rss = json.loads(child.stdout.strip().splitlines()[-1])
-        print(f"{name:26s} {state:6.2f} {peak:13.2f} {rss['extra_copies']:11.2f}")
+        print(f"{name:26s} {state:6.2f} {kept:5.2f} {peak:13.2f} {rss['extra_copies']:11.2f}")
     peak = "CUDA max allocated" if args.device.startswith("cuda") else "peak RSS"
     print(f"({peak} on {rss['params_millions']:.1f} M parameters; in parameter copies)")
 

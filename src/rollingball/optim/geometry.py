@@ -27,40 +27,47 @@ def squared_norm(tensors: list[Tensor]) -> float:
 
 
 def to_host(values: list[Tensor]) -> list[float]:
-    """Device scalars as Python floats: the step's one kind of host synchronisation, one for
-    all the values together."""
+    """Device sums as Python floats: the step's one kind of host synchronisation, one for all
+    the values together. Each value is a float64 tensor of terms (one per parameter tensor,
+    as the functions below return them) and comes back as the sum of its terms."""
     if not values:
         return []
-    return torch.stack([v.reshape(()).to(torch.float64) for v in values]).tolist()
+    flat = torch.cat([v.reshape(-1) for v in values]).tolist()
+    sums, start = [], 0
+    for v in values:
+        end = start + v.numel()
+        sums.append(math.fsum(flat[start:end]))
+        start = end
+    return sums
 
 
 def squared_norm_device(tensors: list[Tensor]) -> Tensor:
-    """‖a‖² as a float64 scalar on the tensors' device, without a host synchronisation
-    (for DTensors: one collective per layout)."""
+    """The terms ‖a_t‖² of ‖a‖², in float64 on the tensors' device, without a host
+    synchronisation (for DTensors: their global sums, one collective per layout)."""
     groups: dict[Any, list[Tensor]] = {}
     for t in tensors:
         layout, local = _local(t)
         groups.setdefault(layout, []).append(local)
-    total: Tensor | None = None
+    parts = []
     for layout, local_tensors in groups.items():
-        norms = torch._foreach_norm(local_tensors)
-        part = _global(torch.stack([n.double() for n in norms]).square().sum(), layout)
-        total = part if total is None else total + part
-    return total if total is not None else torch.zeros((), dtype=torch.float64)
+        terms = torch.stack(torch._foreach_norm(local_tensors)).double().square()
+        parts.append(terms if layout is None else _global(terms.sum(), layout).reshape(1))
+    return torch.cat(parts) if parts else torch.zeros(1, dtype=torch.float64)
 
 
 def inner_device(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """⟨a, b⟩ as a float64 scalar on the tensors' device, without a host synchronisation."""
+    """The terms ⟨a_t, b_t⟩ of ⟨a, b⟩, in float64 on the tensors' device, without a host
+    synchronisation (for DTensors: their global sums)."""
     columns: dict[Any, list[Tensor]] = {}
     for x, y in zip(a, b, strict=True):
         layout, y_local = _local(y)
-        term = torch.vdot(_local(x)[1].reshape(-1), y_local.reshape(-1)).double()
+        term = torch.vdot(_local(x)[1].reshape(-1), y_local.reshape(-1))
         columns.setdefault(layout, []).append(term)
-    total: Tensor | None = None
+    parts = []
     for layout, terms in columns.items():
-        part = _global(torch.stack(terms).sum(), layout)
-        total = part if total is None else total + part
-    return total if total is not None else torch.zeros((), dtype=torch.float64)
+        stacked = torch.stack(terms).double()
+        parts.append(stacked if layout is None else _global(stacked.sum(), layout).reshape(1))
+    return torch.cat(parts) if parts else torch.zeros(1, dtype=torch.float64)
 
 
 def copy_(targets: list[Tensor], sources: list[Tensor]) -> None:

@@ -2,7 +2,9 @@
 
 `peak_step_memory(optimizer, closure)` runs one step under a dispatch mode that sees every
 tensor the optimizer creates (the closure's activations and gradients are not counted) and
-returns the peak of the bytes those tensors hold at once, plus the optimizer state's bytes.
+returns the peak of the bytes those tensors hold at once, the optimizer state's bytes, and the
+bytes of the buffers the optimizer keeps for its next step (RBO's workspace, on the CPU).
+A step's working set is the kept buffers plus the peak transient bytes.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from torch.utils._pytree import tree_flatten
 
 @dataclass
 class StepMemory:
-    """Bytes: the parameters, the persistent optimizer state, the peak transient allocations."""
+    """Bytes: the parameters, the persistent optimizer state, the buffers kept for the next
+    step, the peak transient allocations."""
 
     param_bytes: int
     state_bytes: int
+    workspace_bytes: int
     peak_transient_bytes: int
 
     @property
@@ -33,6 +37,12 @@ class StepMemory:
     @property
     def state_buffers(self) -> float:
         return self.state_bytes / self.param_bytes
+
+    @property
+    def step_buffers(self) -> float:
+        """The step's working set, kept buffers and peak transient allocations, in units of
+        the parameters' size."""
+        return (self.workspace_bytes + self.peak_transient_bytes) / self.param_bytes
 
 
 class _AllocationTracker(TorchDispatchMode):
@@ -88,10 +98,21 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     ]
 
 
+def workspace_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The buffers an optimizer keeps for its next step (RBO's workspace)."""
+    workspace = getattr(optimizer, "workspace", None)
+    return workspace.held() if workspace is not None else []
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.untyped_storage().nbytes() for t in tensors if t.dim() > 0)
+
+
 def peak_step_memory(optimizer: torch.optim.Optimizer, closure: Callable[[], Any]) -> StepMemory:
-    """One `optimizer.step(closure)`, measured: state bytes after it and peak transient bytes."""
+    """One `optimizer.step(closure)`, measured: state and kept bytes after it, and the peak
+    transient bytes (buffers taken from the workspace are not transient)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    fixed = _storages(params + state_tensors(optimizer))
+    fixed = _storages(params + state_tensors(optimizer) + workspace_tensors(optimizer))
 
     def gradients() -> set[int]:
         return _storages([p.grad for p in params if p.grad is not None])
@@ -109,9 +130,9 @@ def peak_step_memory(optimizer: torch.optim.Optimizer, closure: Callable[[], Any
 
     with tracker:
         optimizer.step(uncounted_closure)
-    state = state_tensors(optimizer)
     return StepMemory(
         param_bytes=sum(p.nbytes for p in params),
-        state_bytes=sum(t.untyped_storage().nbytes() for t in state if t.dim() > 0),
+        state_bytes=_nbytes(state_tensors(optimizer)),
+        workspace_bytes=_nbytes(workspace_tensors(optimizer)),
         peak_transient_bytes=tracker.peak,
     )

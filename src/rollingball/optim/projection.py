@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from rollingball.optim.geometry import inner_device, squared_norm_device, to_host
+from rollingball.optim.workspace import Workspace
 
 SOLVERS = ("anderson", "gd")
 
@@ -47,14 +48,16 @@ Reductions = Callable[[list[Tensor]], list[Tensor]]
 
 class ProjectionProblem(Protocol):
     """What a solver sees: the iterate x (the parameters), u = x − θ̃, the gradient g at the
-    last evaluated point (in `.grad`; the next closure call replaces it) and evaluations."""
+    last evaluated point (in `.grad`; the next closure call replaces it), evaluations, and
+    the workspace its parameter-sized buffers come from and go back to."""
 
     params: list[Tensor]
     offset: list[Tensor]
     grads: list[Tensor]
+    workspace: Workspace
 
-    def start(self, reductions: Reductions) -> Evaluation:
-        """The evaluation at x₀ = θ, known without a closure call."""
+    def start(self) -> Evaluation:
+        """The evaluation at x₀ = θ, known without a closure call, with ⟨g, u⟩ and ‖u‖²."""
 
     def evaluate(self, reductions: Reductions) -> Evaluation:
         """One closure call at the current x."""
@@ -97,7 +100,7 @@ class GradientDescentProjection:
 
     def solve(self, problem: ProjectionProblem) -> ProjectionResult:
         x, offset, gamma = problem.params, problem.offset, self.step_size
-        evaluation = problem.start(_no_reductions)
+        evaluation = problem.start()
         initial = norm = math.inf
         moves = 0
         while True:
@@ -112,10 +115,10 @@ class GradientDescentProjection:
                 if norm <= self.tol * initial:
                     return ProjectionResult(moves, initial, norm)
             torch._foreach_add_(x, residual, alpha=-gamma)
-            torch._foreach_add_(offset, residual, alpha=-gamma)
             moves += 1
-            if moves == self.max_steps:
+            if moves == self.max_steps:  # u is not needed after the last move
                 return ProjectionResult(moves - 1, initial, norm, blind_step=True)
+            torch._foreach_add_(offset, residual, alpha=-gamma)
             del residual
             evaluation = problem.evaluate(_no_reductions)
 
@@ -182,27 +185,29 @@ class AndersonProjection:
     contraction: float = 0.5
 
     def solve(self, problem: ProjectionProblem) -> ProjectionResult:
-        point = self._point(problem.start(self._reductions(problem, [])))
+        point = self._point(problem.start())
         history = _History()
         newton = self._newton(problem, point)
         norm, products = self._reduce(point, newton, history)
         initial = norm
-        calls, safeguards, step_size = 0, 0, self.step_size
+        calls, safeguards, step_size, blind = 0, 0, self.step_size, False
         previous: _Point | None = None  # the point before the last accepted trial
         check: list[float] = []  # ⟨g, δ⟩ and ‖δ‖² of the step to the last evaluated point
         fresh = True  # problem.grads is g at x_k (after a rejection: at the rejected point)
+        workspace = problem.workspace
         while norm > self.tol * initial:
             accelerated = bool(history.x_steps)  # before the step drops the oldest difference
-            step = self._step(newton, history, products, step_size)
+            step = self._step(workspace, newton, history, products, step_size)
             if calls == self.max_steps:
                 blind = (
                     previous is not None
                     and bool(check)
                     and self._blind_is_safe(problem, previous, point, check, step)
                 )
-                if blind:
-                    self._move(problem, step)
-                return ProjectionResult(calls, initial, norm, safeguards, blind)
+                if blind:  # u is not needed after the last move
+                    torch._foreach_add_(problem.params, step)
+                workspace.give(step)
+                break
             last = calls + 1 == self.max_steps and fresh  # it decides the blind step
             along = [inner_device(problem.grads, step), squared_norm_device(step)] if last else []
             self._move(problem, step)
@@ -211,7 +216,8 @@ class AndersonProjection:
             calls += 1
             if trial.phi > point.phi + problem.phi_noise(trial.mismatch, trial.phi):
                 self._move(problem, step, -1.0)  # rejected: back to x_k
-                history.clear()
+                workspace.give(step)
+                history.clear(workspace)
                 safeguards += 1
                 if not accelerated:
                     step_size /= 2
@@ -223,7 +229,9 @@ class AndersonProjection:
             previous, point, newton, check = point, trial, new_newton, evaluation.values[2:]
             fresh = True
             norm, products = self._reduce(point, newton, history)
-        return ProjectionResult(calls, initial, norm, safeguards)
+        workspace.give(newton)
+        history.clear(workspace)
+        return ProjectionResult(calls, initial, norm, safeguards, blind)
 
     @staticmethod
     def _reductions(problem: ProjectionProblem, along: list[Tensor]) -> Reductions:
@@ -243,8 +251,8 @@ class AndersonProjection:
 
     @staticmethod
     def _newton(problem: ProjectionProblem, point: _Point) -> list[Tensor]:
-        """p = u + c g, in a new buffer (the next closure call may reuse `.grad`)."""
-        return list(torch._foreach_add(problem.offset, problem.grads, alpha=point.newton_shift))
+        """p = u + c g, in a workspace buffer (the next closure call may reuse `.grad`)."""
+        return problem.workspace.add(problem.offset, problem.grads, point.newton_shift)
 
     @staticmethod
     def _reduce(
@@ -267,6 +275,7 @@ class AndersonProjection:
 
     def _step(
         self,
+        workspace: Workspace,
         newton: list[Tensor],
         history: _History,
         products: list[float],
@@ -274,7 +283,7 @@ class AndersonProjection:
     ) -> list[Tensor]:
         """δ = −ΔX α − γ (p + D α), α from the regularised normal equations of ‖p + D α‖."""
         if not history.x_steps:
-            return list(torch._foreach_mul(newton, -step_size))
+            return workspace.scaled(newton, -step_size)
         gram = np.array(history.gram, dtype=np.float64)
         rhs = -np.array(products[1:], dtype=np.float64)
         ridge = self.regularization * float(gram.diagonal().max()) + 1e-300
@@ -284,10 +293,10 @@ class AndersonProjection:
             torch._foreach_mul_(step, -alpha[0])
             torch._foreach_add_(step, d_oldest, alpha=-step_size * alpha[0])
             torch._foreach_add_(step, newton, alpha=-step_size)
-            del d_oldest
+            workspace.give(d_oldest)
             alpha = alpha[1:]
         else:
-            step = list(torch._foreach_mul(newton, -step_size))
+            step = workspace.scaled(newton, -step_size)
         for a, dx, d in zip(alpha, history.x_steps, history.d_steps, strict=True):
             torch._foreach_add_(step, dx, alpha=-a)
             torch._foreach_add_(step, d, alpha=-step_size * a)
@@ -355,7 +364,10 @@ class _History:
             del row[0]
         return self.x_steps.pop(0), self.d_steps.pop(0)
 
-    def clear(self) -> None:
+    def clear(self, workspace: Workspace) -> None:
+        """Forget every difference; their buffers go back to the workspace."""
+        for buffers in self.x_steps + self.d_steps:
+            workspace.give(buffers)
         self.x_steps.clear()
         self.d_steps.clear()
         self.gram.clear()

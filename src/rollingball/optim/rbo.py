@@ -36,6 +36,7 @@ from rollingball.optim.geometry import (
     to_host,
 )
 from rollingball.optim.projection import SOLVERS, Evaluation, NonFinite, Reductions, make_solver
+from rollingball.optim.workspace import Workspace
 
 Closure = Callable[[], Any]
 
@@ -205,6 +206,17 @@ class _Evaluated:
     values: list[float]
 
 
+@dataclass
+class _MovedCentre:
+    """The moved centre as the projection starts from it: u = θ − θ̃, h = ỹ − f(θ), and ⟨g, u⟩
+    and ‖u‖² at θ."""
+
+    offset: list[Tensor]
+    lift: float
+    grad_offset: float
+    offset_sq: float
+
+
 class _Projection:
     """The problem a projection solver sees (see `projection.ProjectionProblem`).
 
@@ -216,22 +228,24 @@ class _Projection:
         self,
         landscape: _Landscape,
         params: list[Tensor],
-        offset: list[Tensor],
+        centre: _MovedCentre,
         first: _Evaluated,
-        lift: float,
+        workspace: Workspace,
     ) -> None:
         self.landscape = landscape
         self.params = params
-        self.offset = offset
+        self.offset = centre.offset
+        self.start_products = [centre.grad_offset, centre.offset_sq]
+        self.workspace = workspace
         self.grads = _flat(first.grads)
         first.grads = []  # handed over: see RBO._roll
         self.start_value = first.value
         self.start_grad_sq = first.grad_sq
-        self.lift = lift
+        self.lift = centre.lift
         self.eps = torch.finfo(params[0].dtype).eps
 
-    def start(self, reductions: Reductions) -> Evaluation:
-        return Evaluation(-self.lift, self.start_grad_sq, to_host(reductions(self.grads)))
+    def start(self) -> Evaluation:
+        return Evaluation(-self.lift, self.start_grad_sq, self.start_products)
 
     def evaluate(self, reductions: Reductions) -> Evaluation:
         self.grads = []  # the closure may replace the `.grad` tensors
@@ -268,7 +282,9 @@ class RBO(Optimizer):
         loss_scale: κ, scale of the vertical axis: the landscape is κ f.
         maximize: roll on −f.
         anderson_memory: m, the differences the Anderson solver keeps; a step holds 2m + 3
-            parameter-sized buffers at its peak (gd: 2).
+            parameter-sized buffers at its peak (gd: 2). On the CPU they are kept between
+            steps in `opt.workspace` and reused, which saves the page faults of fresh large
+            allocations; `opt.workspace.clear()` releases them.
         on_nonfinite: "raise" (FloatingPointError) or "skip" the step; either way the
             parameters are left bit-for-bit as they were before the step.
         process_group: under torch.distributed, the group over which the closure's loss is
@@ -330,6 +346,7 @@ class RBO(Optimizer):
         self.process_group = process_group
         self.fixed_randomness = fixed_randomness
         self.model = model
+        self.workspace = Workspace()  # the step's buffers, kept for the next step (CPU only)
         self.last_stats: dict[str, Any] = {}
         self._poor_steps: deque[bool] = deque(maxlen=POOR_WINDOW)
         self._warned = False
@@ -397,7 +414,7 @@ class RBO(Optimizer):
         fixed = self.fixed_randomness and settings["radius"] > 0  # radius 0: one call anyway
         caller = StepClosure(closure, _flat(params), fixed)
         landscape = _Landscape(caller, groups, params, settings, self._resolved_process_group())
-        snapshot = [p.clone() for p in _flat(params)] if settings["radius"] else None
+        snapshot = self.workspace.copy(_flat(params)) if settings["radius"] else None
         loss: Any = None
         try:
             first = landscape.evaluate()
@@ -424,6 +441,8 @@ class RBO(Optimizer):
             raise
         finally:
             caller.finish()
+            if snapshot is not None:
+                self.workspace.give(snapshot)
         self._commit_momentum(groups, active, directions)
         counters = self._counters
         counters["steps"] += 1
@@ -514,21 +533,38 @@ class RBO(Optimizer):
 
     def _moved_centre(
         self, radius: float, first: _Evaluated, directions: list[list[Tensor]]
-    ) -> tuple[list[Tensor], float]:
-        """u = θ − θ̃ = ρ g/s + η v (per group) and h = ỹ − f(θ) = ρ/s − Σ η ⟨g, v⟩."""
-        s = slope_factor(first.grad_sq)
-        offset: list[Tensor] = []
-        tangent = []  # ⟨g, v⟩ per group
-        for group, g, v in zip(self.param_groups, first.grads, directions, strict=True):
-            u = list(torch._foreach_mul(g, radius / s))
-            torch._foreach_add_(u, v, alpha=group["lr"])
-            offset.extend(u)
-            tangent.append(squared_norm_device(g) if v is g else inner_device(g, v))
-        products = to_host(tangent)
-        lift = radius / s - sum(
-            g["lr"] * p for g, p in zip(self.param_groups, products, strict=True)
+    ) -> _MovedCentre:
+        """u = θ − θ̃ = a g + η v per group, a = ρ/s, and h = ỹ − f(θ) = a − Σ η ⟨g, v⟩.
+
+        The start's ⟨g, u⟩ = a‖g‖² + Σ η⟨g, v⟩ and ‖u‖² = a²‖g‖² + 2a Σ η⟨g, v⟩ + Σ η²‖v‖² come
+        from one reduction per group (v = g without momentum; two with)."""
+        a = radius / slope_factor(first.grad_sq)
+        groups = list(zip(self.param_groups, first.grads, directions, strict=True))
+        scales = [a + group["lr"] if v is g else a for group, g, v in groups for _ in g]
+        offset = self.workspace.scaled(_flat(first.grads), scales)
+        reductions = []
+        start = 0
+        for group, g, v in groups:
+            if v is g:
+                reductions.append(squared_norm_device(g))
+            else:
+                torch._foreach_add_(offset[start : start + len(g)], v, alpha=group["lr"])
+                reductions += [inner_device(g, v), squared_norm_device(v)]
+            start += len(g)
+        host = iter(to_host(reductions))
+        tangent = velocity = 0.0  # Σ η⟨g, v⟩ and Σ η²‖v‖²
+        for group, g, v in groups:
+            lr = group["lr"]
+            g_v = next(host)
+            v_sq = g_v if v is g else next(host)
+            tangent += lr * g_v
+            velocity += lr * lr * v_sq
+        return _MovedCentre(
+            offset,
+            lift=a - tangent,
+            grad_offset=a * first.grad_sq + tangent,
+            offset_sq=a * a * first.grad_sq + 2 * a * tangent + velocity,
         )
-        return offset, lift
 
     def _roll(
         self,
@@ -544,7 +580,7 @@ class RBO(Optimizer):
         groups without momentum are emptied), so that no reference keeps it alive once the
         next closure call replaces the `.grad` tensors.
         """
-        offset, lift = self._moved_centre(settings["radius"], first, directions)
+        centre = self._moved_centre(settings["radius"], first, directions)
         for index, group in enumerate(self.param_groups):
             if group["momentum"] == 0:
                 directions[index] = []
@@ -555,8 +591,9 @@ class RBO(Optimizer):
             settings["projection_tol"],
             settings["anderson_memory"],
         )
-        problem = _Projection(landscape, _flat(params), offset, first, lift)
+        problem = _Projection(landscape, _flat(params), centre, first, self.workspace)
         result = solver.solve(problem)
+        self.workspace.give(centre.offset)
         norm = result.initial_norm
         relative = result.final_norm / norm if norm > 0 else 0.0
         return {

@@ -1,0 +1,85 @@
+"""Parameter-sized buffers that RBO's step reuses instead of allocating.
+
+On the CPU a fresh allocation of a large tensor is returned to the operating system when it
+is freed and page-faulted back in at the next allocation: that costs several passes over
+the memory, more than the operation that fills the tensor. A `Workspace` keeps the buffers
+a step gives back and hands them out again, within the step and from one step to the next,
+so that after the first step the projection allocates nothing. On other devices the caching
+allocator already reuses memory: there a `Workspace` allocates (out-of-place kernels, one
+pass each) and keeps nothing.
+
+The buffers held between steps are the step's peak working set (2m + 3 parameter copies
+for the Anderson solver, 2 for gd); `held()` lists them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import Parameter
+
+
+def _signature(tensors: list[Tensor]) -> tuple[Any, ...]:
+    return tuple((t.shape, t.dtype, t.device) for t in tensors)
+
+
+class Workspace:
+    """A pool of buffers shaped like a list of parameters (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[Any, ...], list[list[Tensor]]] = {}
+
+    @staticmethod
+    def _reuses(like: list[Tensor]) -> bool:
+        """Plain CPU tensors only (a DTensor has no in-place foreach copy)."""
+        return bool(like) and all(
+            t.device.type == "cpu" and type(t) in (Tensor, Parameter) for t in like
+        )
+
+    def held(self) -> list[Tensor]:
+        """The tensors of the buffers kept for the next use."""
+        return [t for pool in self._free.values() for buffers in pool for t in buffers]
+
+    def clear(self) -> None:
+        """Release every kept buffer."""
+        self._free.clear()
+
+    def give(self, buffers: list[Tensor]) -> None:
+        """Hand a buffer back for reuse (its values are garbage from now on)."""
+        if self._reuses(buffers):
+            signature = _signature(buffers)
+            if signature not in self._free:  # the parameters changed: drop the old buffers
+                self._free = {signature: []}
+            self._free[signature].append(buffers)
+
+    def _take(self, like: list[Tensor]) -> list[Tensor] | None:
+        pool = self._free.get(_signature(like)) if self._reuses(like) else None
+        return pool.pop() if pool else None
+
+    def copy(self, a: list[Tensor]) -> list[Tensor]:
+        """A buffer holding a copy of a."""
+        out = self._take(a)
+        if out is None:
+            return [t.clone() for t in a]
+        torch._foreach_copy_(out, a)
+        return out
+
+    def scaled(self, a: list[Tensor], alpha: float | list[float]) -> list[Tensor]:
+        """A buffer holding α a (α: one number, or one per tensor)."""
+        out = self._take(a)
+        if out is None:
+            return list(torch._foreach_mul(a, alpha))
+        torch._foreach_copy_(out, a)
+        torch._foreach_mul_(out, alpha)
+        return out
+
+    def add(self, a: list[Tensor], b: list[Tensor], alpha: float) -> list[Tensor]:
+        """A buffer holding a + α b."""
+        out = self._take(a)
+        if out is None:
+            return list(torch._foreach_add(a, b, alpha=alpha))
+        torch._foreach_copy_(out, a)
+        torch._foreach_add_(out, b, alpha=alpha)
+        return out
