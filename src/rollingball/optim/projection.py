@@ -263,7 +263,11 @@ class AndersonProjection:
         values = [squared_norm_device(newton)]
         size = len(history.d_steps)
         if size:
-            values += [inner_device(d, history.d_steps[-1]) for d in history.d_steps]
+            last = history.d_steps[-1]
+            values += [
+                squared_norm_device(d) if d is last else inner_device(d, last)
+                for d in history.d_steps
+            ]
             values += [inner_device(d, newton) for d in history.d_steps]
         host = to_host(values)
         norm = point.residual_norm(host[0])
