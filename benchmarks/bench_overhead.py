@@ -1,12 +1,14 @@
 """Optimizer overhead: time in `opt.step` beyond the time spent inside the closure.
 
-    python benchmarks/bench_overhead.py [--steps 20] [--threads 2] [--device cpu|cuda]
+    python benchmarks/bench_overhead.py [--steps 20] [--rounds 3] [--threads 2] [--device cpu|cuda]
 
 MLP 784-1024-1024-10, batch 256. Prints, per optimizer, closure calls per step and
 overhead = (step time − closure time) / closure time, all measured side by side in one run:
 SGD, RBO at radius 0, the authors' scheme (gd) and Anderson at K = 8 fixed projection
-iterations (tol = 0, the issue's setting), and RBO's defaults. The closure's forward and
-backward are the real work. On CUDA every closure and step is timed after a synchronisation.
+iterations (tol = 0), and RBO's defaults. The closure's forward and backward are the real
+work. The optimizers take turns for `--rounds` rounds of `--steps` steps each, and the median
+round is printed (with the spread), so that load from other processes hits all of them alike.
+On CUDA every closure and step is timed after a synchronisation.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(name: str, build, steps: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def measure(build, steps: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    """(closure calls per step, overhead, ms per step) of `steps` steps after two warm-up
+    steps."""
     device = x.device
     model = make_model().to(device)
     opt = build(model.parameters())
@@ -59,9 +63,7 @@ def measure(name: str, build, steps: int, x: torch.Tensor, y: torch.Tensor) -> t
         opt.step(closure)
     _sync(device)
     total = time.perf_counter() - start
-    overhead = (total - inside[0]) / inside[0]
-    print(f"{name:34s} {calls[0] / steps:6.1f} {overhead * 100:9.1f}%  {total / steps * 1e3:9.1f}")
-    return calls[0] / steps, overhead
+    return calls[0] / steps, (total - inside[0]) / inside[0], total / steps * 1e3
 
 
 def main() -> None:
@@ -69,6 +71,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -79,25 +82,30 @@ def main() -> None:
         torch.randint(0, 10, (256,), generator=generator).to(args.device),
     )
     fixed = {"projection_steps": 8, "projection_tol": 0.0}
-    print(f"{'optimizer':34s} {'calls':>6s} {'overhead':>10s} {'ms/step':>9s}")
-    measure("SGD", lambda p: torch.optim.SGD(p, lr=0.1), args.steps, x, y)
-    measure("RBO radius=0 (SGD path)", lambda p: RBO(p, lr=0.1, radius=0.0), args.steps, x, y)
-    measure(
-        "RBO gd, K=8",
-        lambda p: RBO(p, lr=0.1, radius=0.5, projection="gd", projection_step_size=0.5, **fixed),
-        args.steps,
-        x,
-        y,
-    )
-    for memory in (5, 2, 1):
-        measure(
-            f"RBO anderson m={memory}, K=8",
-            lambda p, m=memory: RBO(p, lr=0.1, radius=0.5, anderson_memory=m, **fixed),
-            args.steps,
-            x,
-            y,
-        )
-    measure("RBO defaults", lambda p: RBO(p, lr=0.1, radius=0.5), args.steps, x, y)
+    optimizers = {
+        "SGD": lambda p: torch.optim.SGD(p, lr=0.1),
+        "RBO radius=0 (SGD path)": lambda p: RBO(p, lr=0.1, radius=0.0),
+        "RBO gd, K=8": lambda p: RBO(
+            p, lr=0.1, radius=0.5, projection="gd", projection_step_size=0.5, **fixed
+        ),
+        **{
+            f"RBO anderson m={m}, K=8": lambda p, m=m: RBO(
+                p, lr=0.1, radius=0.5, anderson_memory=m, **fixed
+            )
+            for m in (5, 2, 1)
+        },
+        "RBO defaults": lambda p: RBO(p, lr=0.1, radius=0.5),
+    }
+    rounds: dict[str, list[tuple[float, float, float]]] = {name: [] for name in optimizers}
+    for _ in range(args.rounds):
+        for name, build in optimizers.items():
+            rounds[name].append(measure(build, args.steps, x, y))
+    print(f"{'optimizer':26s} {'calls':>6s} {'overhead':>9s} {'(min–max)':>14s} {'ms/step':>8s}")
+    for name, results in rounds.items():
+        results.sort(key=lambda r: r[1])
+        calls, overhead, ms = results[len(results) // 2]
+        spread = f"{results[0][1] * 100:.1f}–{results[-1][1] * 100:.1f}%"
+        print(f"{name:26s} {calls:6.1f} {overhead * 100:8.1f}% {spread:>14s} {ms:8.1f}")
 
 
 if __name__ == "__main__":
