@@ -133,12 +133,11 @@ def test_small_radius_rbo_is_usam_at_radius_rho_over_s_up_to_rho_squared():
         assert 3.5 < big / small < 4.6
 
 
-def test_small_step_direction_is_the_limit_of_the_step():
-    # lim_{η→0} Δ/η = −s² M g / (1 + gᵀMg), M = (I − (ρ/s)H)⁻¹, at any radius with ρλ/s < 1
-    model, x, y = _net()
+def _net_loss(model, x, y):
+    """The net's loss as a function of its flat parameter vector, and that vector."""
     params = list(model.parameters())
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
     names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
 
     def f(vector):
         chunks, start = {}, 0
@@ -147,6 +146,13 @@ def test_small_step_direction_is_the_limit_of_the_step():
             start += p.numel()
         return nn.functional.cross_entropy(torch.func.functional_call(model, chunks, (x,)), y)
 
+    return f, flat
+
+
+def test_small_step_direction_is_the_limit_of_the_step():
+    # lim_{η→0} Δ/η = −s² M g / (1 + gᵀMg), M = (I − (ρ/s)H)⁻¹, at any radius with ρλ/s < 1
+    model, x, y = _net()
+    f, flat = _net_loss(model, x, y)
     hessian = torch.autograd.functional.hessian(f, flat, vectorize=True)
     g = torch.autograd.functional.jacobian(f, flat)
     radius = 0.5
@@ -179,8 +185,8 @@ def test_truncated_projection_rate_on_an_affine_loss():
     assert rate == pytest.approx(1 - (1 - 1e-3 * 3.44) ** 100) and rate < 0.3
 
 
-def _rbo_step_and_stats(fn, theta, **kw):
-    """One RBO step from θ: the new point and the step's `last_stats`."""
+def _rbo_on(fn, theta, **kw):
+    """A parameter at θ, an RBO over it, and the closure of the loss fn(p)."""
     p = nn.Parameter(theta.clone())
     opt = RBO([p], **kw)
 
@@ -190,6 +196,12 @@ def _rbo_step_and_stats(fn, theta, **kw):
         loss.backward()
         return loss
 
+    return p, opt, closure
+
+
+def _rbo_step_and_stats(fn, theta, **kw):
+    """One RBO step from θ: the new point and the step's `last_stats`."""
+    p, opt, closure = _rbo_on(fn, theta, **kw)
     opt.step(closure)
     return p.detach(), opt.last_stats
 
@@ -230,15 +242,7 @@ def _two_steps(fn, theta, first_lr, lr, radius, momentum):
     Returns θ₁, the velocity buffer after step 1, and θ₂ − θ₁. Step 1 does not depend on
     (lr, radius), so neither do θ₁ and v_prev = g₀.
     """
-    p = nn.Parameter(theta.clone())
-    opt = RBO([p], lr=first_lr, radius=0.0, momentum=momentum, **CONVERGED)
-
-    def closure():
-        opt.zero_grad()
-        loss = fn(p)
-        loss.backward()
-        return loss
-
+    p, opt, closure = _rbo_on(fn, theta, lr=first_lr, radius=0.0, momentum=momentum, **CONVERGED)
     opt.step(closure)
     theta1 = p.detach().clone()
     buffer = opt.state[p]["momentum_buffer"].clone()
@@ -269,26 +273,10 @@ def test_quadratic_step_with_momentum_is_exact(lr, radius):
     assert (plain - predicted).norm() > 0.3 * delta.norm()
 
 
-def _net_loss():
-    model, x, y = _net()
-    params = list(model.parameters())
-    names = [n for n, _ in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-
-    def f(vector):
-        chunks, start = {}, 0
-        for name, p in zip(names, params, strict=True):
-            chunks[name] = vector[start : start + p.numel()].view_as(p)
-            start += p.numel()
-        return nn.functional.cross_entropy(torch.func.functional_call(model, chunks, (x,)), y)
-
-    return f, flat
-
-
 def test_small_radius_rbo_with_momentum_follows_the_first_order_law():
     # Δ = −η [v + (ρ/s)(Hv − (gᵀHv/s²) g) + (η/2)(vᵀHv/s²) g] + O(ηρ² + η²ρ + η³):
     # USAM's curvature term acts on the whole velocity v, not on g
-    f, flat = _net_loss()
+    f, flat = _net_loss(*_net())
     mu, lr = 0.9, 1e-3
     errors, sizes, naive = [], [], []
     for radius in (0.2, 0.1, 0.05):
@@ -312,7 +300,7 @@ def test_small_radius_rbo_with_momentum_follows_the_first_order_law():
 
 def test_small_step_direction_with_momentum_is_the_limit_of_the_step():
     # lim_{η→0} Δ/η = −M [v − g gᵀ(M − I) v / (1 + gᵀMg)], M = (I − (ρ/s)H)⁻¹, ρλ/s < 1
-    f, flat = _net_loss()
+    f, flat = _net_loss(*_net())
     mu, radius = 0.9, 0.5
     for lr, tol in ((1e-3, 3e-4), (1e-4, 3e-5)):  # the error is O(η): measured 1.4e-4, 1.4e-5
         theta1, buffer, delta = _two_steps(f, flat, 0.5, lr, radius, mu)

@@ -72,31 +72,29 @@ def _split(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return [c.view_as(p) for c, p in zip(flat.split([p.numel() for p in like]), like, strict=True)]
 
 
-def hessian_top_eigenvalue(
-    loss_fn: LossFn,
-    params: Sequence[Tensor],
-    iterations: int = 50,
-    tol: float = 1e-7,
-    generator: torch.Generator | None = None,
-) -> float:
-    """λ_max(∇²f(θ)) by Lanczos with full re-orthogonalisation on Hessian-vector products.
+def lanczos_top(
+    product: Callable[[Tensor], Tensor],
+    start: Tensor,
+    iterations: int,
+    tol: float,
+    min_products: int = 1,
+) -> tuple[float, Tensor]:
+    """(θ, y): the top Ritz pair of a symmetric operator by Lanczos with full
+    re-orthogonalisation, from the vector ``start``.
 
-    After j steps the largest eigenvalue θ_j of the tridiagonal T_j approximates λ_max with
+    After j products the largest eigenvalue θ_j of the tridiagonal T_j approximates λ_max with
     residual ‖H y − θ_j y‖ = β_j |s_j| (s the Ritz vector of T_j); it stops when that is
-    ≤ tol·|θ_j|, when the Krylov space is exhausted, or after ``iterations`` products.
-    Stores one vector per iteration.
+    ≤ tol·|θ_j| (after at least ``min_products``), when the Krylov space is exhausted, or after
+    ``iterations`` products. Stores one vector per product; y has unit norm.
     """
-    params = list(params)
-    hvp = _hvp(loss_fn, params)
-    n = sum(p.numel() for p in params)
-    dtype, device = params[0].dtype, params[0].device
-    q = torch.randn(n, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
-    basis = [q / q.norm()]
+    if iterations < 1:
+        raise ValueError(f"Lanczos needs iterations >= 1, got {iterations}")
+    n = start.numel()
+    basis = [start / start.norm()]
     alphas: list[float] = []
     betas: list[float] = []
-    top = 0.0
-    for _ in range(min(iterations, n)):
-        w = _flat(hvp(_split(basis[-1], params)))
+    for j in range(min(iterations, n)):
+        w = product(basis[-1]).detach()
         alphas.append(float(w @ basis[-1]))
         stack = torch.stack(basis)
         for _ in range(2):  # full re-orthogonalisation, twice is enough
@@ -107,12 +105,30 @@ def hessian_top_eigenvalue(
             off = torch.tensor(betas, dtype=torch.float64)
             tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
         values, vectors = torch.linalg.eigh(tridiagonal)
-        top = float(values[-1])
-        if beta * abs(float(vectors[-1, -1])) <= tol * abs(top) or len(basis) == n or beta == 0:
+        converged = beta * abs(float(vectors[-1, -1])) <= tol * abs(float(values[-1]))
+        if (converged and j + 1 >= min_products) or len(basis) == n or beta == 0:
             break
         betas.append(beta)
         basis.append(w / beta)
-    return top
+    ritz = stack.T @ vectors[:, -1].to(stack.dtype)
+    return float(values[-1]), ritz / ritz.norm()
+
+
+def hessian_top_eigenvalue(
+    loss_fn: LossFn,
+    params: Sequence[Tensor],
+    iterations: int = 50,
+    tol: float = 1e-7,
+    generator: torch.Generator | None = None,
+) -> float:
+    """λ_max(∇²f(θ)) by Lanczos (`lanczos_top`) on Hessian-vector products, from a random
+    start."""
+    params = list(params)
+    hvp = _hvp(loss_fn, params)
+    n = sum(p.numel() for p in params)
+    dtype, device = params[0].dtype, params[0].device
+    q = torch.randn(n, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+    return lanczos_top(lambda v: _flat(hvp(_split(v, params))), q, iterations, tol)[0]
 
 
 def hessian_trace(

@@ -156,35 +156,13 @@ def top_eigenpair(
         out = torch.autograd.grad(flat, params, vector, retain_graph=True)
         return torch.cat([o.reshape(-1) for o in out])
 
-    n = flat.numel()
-    q = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=flat.dtype)
+    from rollingball.landscape.sharpness import lanczos_top
+
+    q = torch.randn(flat.numel(), generator=torch.Generator().manual_seed(seed), dtype=flat.dtype)
     q = q / q.norm()
     if start is not None:
         q = start / start.norm() + q / 3
-    basis = [q / q.norm()]
-    alphas: list[float] = []
-    betas: list[float] = []
-    top, ritz = 0.0, basis[0]
-    for j in range(min(iterations, n)):
-        w = product(basis[-1]).detach()
-        alphas.append(float(w @ basis[-1]))
-        stack = torch.stack(basis)
-        for _ in range(2):  # full re-orthogonalisation, twice is enough
-            w = w - stack.T @ (stack @ w)
-        beta = float(w.norm())
-        tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if betas:
-            off = torch.tensor(betas, dtype=torch.float64)
-            tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
-        values, vectors = torch.linalg.eigh(tridiagonal)
-        top = float(values[-1])
-        ritz = stack.T @ vectors[:, -1].to(stack.dtype)
-        converged = beta * abs(float(vectors[-1, -1])) <= tol * abs(top)
-        if (converged and j >= 2) or len(basis) == n or beta == 0:
-            break
-        betas.append(beta)
-        basis.append(w / beta)
-    return top, ritz / ritz.norm()
+    return lanczos_top(product, q, iterations, tol, min_products=3)
 
 
 def make_optimizer(name: str, params: Any, **hparams: Any) -> Optimizer:
