@@ -93,3 +93,42 @@ def test_no_gradient_outlives_the_next_closure_call(projection):
     opt.step(closure)
     assert len(alive_at_call) >= 6
     assert alive_at_call == [0] * len(alive_at_call)
+
+
+def test_the_workspace_stays_at_the_working_set_when_the_parameters_change():
+    """Steps whose active parameters differ (a parameter without a gradient sits out) keep one
+    working set, not one per parameter list, and stay exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5))
+    x, y = torch.randn(32, 20), torch.randint(0, 5, (32,))
+    opt = RBO(model.parameters(), lr=0.5, radius=0.5, projection_steps=4, anderson_memory=1)
+    param_bytes = sum(p.nbytes for p in model.parameters())
+    for step in range(8):
+        frozen = step % 2 == 1  # every other step the last layer's bias gets no gradient
+        model[2].bias.requires_grad_(not frozen)
+        reference = RBO(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=0.5,
+            radius=0.5,
+            projection_steps=4,
+            anderson_memory=1,
+        )
+        twin = [p.detach().clone() for p in model.parameters()]
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        held = sum(t.nbytes for t in opt.workspace.held())
+        assert held <= 5 * param_bytes  # 2m + 3 copies at most, for the current parameters
+        moved = [p.detach().clone() for p in model.parameters()]
+        with torch.no_grad():  # the same step by a fresh optimizer, from the same point
+            for p, t in zip(model.parameters(), twin, strict=True):
+                p.copy_(t)
+        reference.step(closure)
+        for p, m in zip(model.parameters(), moved, strict=True):
+            torch.testing.assert_close(p.detach(), m, rtol=0, atol=0)
+    model[2].bias.requires_grad_(True)
