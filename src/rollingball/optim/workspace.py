@@ -67,19 +67,20 @@ class Workspace:
         return out
 
     def scaled(self, a: list[Tensor], alpha: float | list[float]) -> list[Tensor]:
-        """A buffer holding α a (α: one number, or one per tensor)."""
+        """A buffer holding α a (α: one number, or one per tensor); one pass."""
         out = self._take(a)
         if out is None:
             return list(torch._foreach_mul(a, alpha))
-        torch._foreach_copy_(out, a)
-        torch._foreach_mul_(out, alpha)
+        alphas = alpha if isinstance(alpha, list) else [alpha] * len(a)
+        for target, source, factor in zip(out, a, alphas, strict=True):
+            torch.mul(source, factor, out=target)  # the CPU has no fused foreach kernels
         return out
 
     def add(self, a: list[Tensor], b: list[Tensor], alpha: float) -> list[Tensor]:
-        """A buffer holding a + α b."""
+        """A buffer holding a + α b; one pass."""
         out = self._take(a)
         if out is None:
             return list(torch._foreach_add(a, b, alpha=alpha))
-        torch._foreach_copy_(out, a)
-        torch._foreach_add_(out, b, alpha=alpha)
+        for target, x, y in zip(out, a, b, strict=True):
+            torch.add(x, y, alpha=alpha, out=target)
         return out
