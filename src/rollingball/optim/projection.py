@@ -205,18 +205,18 @@ class AndersonProjection:
                     and self._blind_is_safe(problem, previous, point, check, step)
                 )
                 if blind:  # u is not needed after the last move
-                    torch._foreach_add_(problem.params, step)
-                workspace.give(step)
+                    step.move([problem.params])
+                step.release(workspace)
                 break
             last = calls + 1 == self.max_steps and fresh  # it decides the blind step
-            along = [inner_device(problem.grads, step), squared_norm_device(step)] if last else []
-            self._move(problem, step)
-            evaluation = problem.evaluate(self._reductions(problem, along))
+            along = step.along(problem, point, products[0]) if last else ([], [])
+            step.move([problem.params, problem.offset])
+            evaluation = problem.evaluate(self._reductions(problem, along[0]))
             trial = self._point(evaluation)
             calls += 1
             if trial.phi > point.phi + problem.phi_noise(trial.mismatch, trial.phi):
-                self._move(problem, step, -1.0)  # rejected: back to x_k
-                workspace.give(step)
+                step.move([problem.params, problem.offset], -1.0)  # rejected: back to x_k
+                step.release(workspace)
                 history.clear(workspace)
                 safeguards += 1
                 if not accelerated:
@@ -225,8 +225,9 @@ class AndersonProjection:
                 continue
             new_newton = self._newton(problem, trial)
             torch._foreach_sub_(newton, new_newton)  # becomes D = p_k − p_{k+1} in place
-            history.append(step, newton)
-            previous, point, newton, check = point, trial, new_newton, evaluation.values[2:]
+            history.append(step.kept(), newton)
+            check = along[1] or evaluation.values[2:]
+            previous, point, newton = point, trial, new_newton
             fresh = True
             norm, products = self._reduce(point, newton, history)
         workspace.give(newton)
@@ -235,7 +236,7 @@ class AndersonProjection:
 
     @staticmethod
     def _reductions(problem: ProjectionProblem, along: list[Tensor]) -> Reductions:
-        """⟨g, u⟩ and ‖u‖² at the new point, with the precomputed scalars `along`."""
+        """⟨g, u⟩ and ‖u‖² at the new point, with the precomputed values `along`."""
         offset = problem.offset
         return lambda grads: [inner_device(grads, offset), squared_norm_device(offset), *along]
 
@@ -243,11 +244,6 @@ class AndersonProjection:
     def _point(evaluation: Evaluation) -> _Point:
         grad_offset, offset_sq = evaluation.values[:2]
         return _Point(evaluation.mismatch, evaluation.grad_sq, grad_offset, offset_sq)
-
-    @staticmethod
-    def _move(problem: ProjectionProblem, step: list[Tensor], alpha: float = 1.0) -> None:
-        torch._foreach_add_(problem.params, step, alpha=alpha)
-        torch._foreach_add_(problem.offset, step, alpha=alpha)
 
     @staticmethod
     def _newton(problem: ProjectionProblem, point: _Point) -> list[Tensor]:
@@ -284,27 +280,49 @@ class AndersonProjection:
         history: _History,
         products: list[float],
         step_size: float,
-    ) -> list[Tensor]:
-        """δ = −ΔX α − γ (p + D α), α from the regularised normal equations of ‖p + D α‖."""
-        if not history.x_steps:
-            return workspace.scaled(newton, -step_size)
+    ) -> _Step:
+        """δ = −ΔX α − γ (p + D α), α from the regularised normal equations of ‖p + D α‖.
+
+        A difference kept as a multiple of its p, ΔX_j = β_j p_j = β_j (p + Σ_{i≥j} D_i),
+        contributes through p and the D's; δ is kept as the multiple c p while its D terms
+        cancel (the plain step −γ p, and the accelerated step after it, −γ(1 − α) p)."""
+        if not history.d_steps:
+            return _Step(newton, -step_size)
         gram = np.array(history.gram, dtype=np.float64)
         rhs = -np.array(products[1:], dtype=np.float64)
         ridge = self.regularization * float(gram.diagonal().max()) + 1e-300
         alpha = np.linalg.solve(gram + ridge * np.eye(len(rhs)), rhs).tolist()
-        if len(history.x_steps) == self.memory:  # the oldest leaves the window: δ in its buffer
-            step, d_oldest = history.pop_oldest()
-            torch._foreach_mul_(step, -alpha[0])
-            torch._foreach_add_(step, d_oldest, alpha=-step_size * alpha[0])
-            torch._foreach_add_(step, newton, alpha=-step_size)
-            workspace.give(d_oldest)
-            alpha = alpha[1:]
+        on_p = -step_size  # the coefficient of p
+        on_d = []  # the coefficient of each D_i, oldest first
+        lazy = 0.0  # Σ_{j ≤ i} α_j β_j over the differences kept as multiples of p
+        for a, dx in zip(alpha, history.x_steps, strict=True):
+            if isinstance(dx, float):
+                lazy += a * dx
+            on_d.append(-step_size * a - lazy)
+        on_p -= lazy
+        kept = [
+            (a, dx) for a, dx in zip(alpha, history.x_steps, strict=True) if isinstance(dx, list)
+        ]
+        differences = list(history.d_steps)
+        oldest = history.pop_oldest() if len(differences) == self.memory else None
+        if not kept and all(c == 0 for c in on_d):
+            if oldest is not None:
+                workspace.give(oldest[1])
+            return _Step(newton, on_p)
+        if oldest is not None and isinstance(oldest[0], list):  # δ in the oldest ΔX's buffer
+            buffer = oldest[0]
+            torch._foreach_mul_(buffer, kept.pop(0)[0] * -1.0)
+            torch._foreach_add_(buffer, newton, alpha=on_p)
         else:
-            step = workspace.scaled(newton, -step_size)
-        for a, dx, d in zip(alpha, history.x_steps, history.d_steps, strict=True):
-            torch._foreach_add_(step, dx, alpha=-a)
-            torch._foreach_add_(step, d, alpha=-step_size * a)
-        return step
+            buffer = workspace.scaled(newton, on_p)
+        for a, dx in kept:
+            torch._foreach_add_(buffer, dx, alpha=-a)
+        for c, d in zip(on_d, differences, strict=True):
+            if c != 0:
+                torch._foreach_add_(buffer, d, alpha=c)
+        if oldest is not None:
+            workspace.give(oldest[1])
+        return _Step(newton, 1.0, buffer)
 
     def _blind_is_safe(
         self,
@@ -312,7 +330,7 @@ class AndersonProjection:
         before: _Point,
         point: _Point,
         check: list[float],
-        step: list[Tensor],
+        step: _Step,
     ) -> bool:
         """Trust the Gauss–Newton model for one more, unevaluated step (see the class doc).
 
@@ -327,13 +345,15 @@ class AndersonProjection:
             return False
         if abs(point.phi - predicted) > self.trust * decrease:
             return False
+        vector, scale = step.vector()
         offset_step, grad_step, step_sq = to_host(
             [
-                inner_device(problem.offset, step),
-                inner_device(problem.grads, step),
-                squared_norm_device(step),
+                inner_device(problem.offset, vector),
+                inner_device(problem.grads, vector),
+                squared_norm_device(vector),
             ]
         )
+        offset_step, grad_step, step_sq = scale * offset_step, scale * grad_step, scale**2 * step_sq
         if step_sq > (self.contraction**2) * last_sq:
             return False
         model = 0.5 * (point.offset_sq + 2 * offset_step + step_sq)
@@ -343,16 +363,54 @@ class AndersonProjection:
         return model + error < point.phi
 
 
+@dataclass
+class _Step:
+    """A step δ: `scale` times the current p (`buffer` None: no pass to form it), or the
+    parameter-sized `buffer` (scale 1)."""
+
+    newton: list[Tensor]
+    scale: float
+    buffer: list[Tensor] | None = None
+
+    def vector(self) -> tuple[list[Tensor], float]:
+        """(v, c) with δ = c v."""
+        return (self.newton, self.scale) if self.buffer is None else (self.buffer, 1.0)
+
+    def move(self, targets: list[list[Tensor]], alpha: float = 1.0) -> None:
+        """Every tensor list in `targets` += α δ."""
+        vector, scale = self.vector()
+        for target in targets:
+            torch._foreach_add_(target, vector, alpha=alpha * scale)
+
+    def kept(self) -> list[Tensor] | float:
+        """δ as the history keeps it once p has moved on: the buffer, or β with δ = β p."""
+        return self.scale if self.buffer is None else self.buffer
+
+    def release(self, workspace: Workspace) -> None:
+        if self.buffer is not None:
+            workspace.give(self.buffer)
+
+    def along(
+        self, problem: ProjectionProblem, point: _Point, newton_sq: float
+    ) -> tuple[list[Tensor], list[float]]:
+        """⟨g, δ⟩ and ‖δ‖² at the point δ starts from: device reductions to go with the next
+        evaluation, or, for δ = β p, host values (⟨g, p⟩ = ⟨g, u⟩ + c‖g‖², ‖p‖² known)."""
+        if self.buffer is None:
+            grad_newton = point.grad_offset + point.newton_shift * point.grad_sq
+            return [], [self.scale * grad_newton, self.scale**2 * newton_sq]
+        return [inner_device(problem.grads, self.buffer), squared_norm_device(self.buffer)], []
+
+
 class _History:
     """The last differences ΔX_j, D_j and their Gram matrix ⟨D_i, D_j⟩ (the new row comes
     with the solver's synchronisation)."""
 
     def __init__(self) -> None:
-        self.x_steps: list[list[Tensor]] = []
+        self.x_steps: list[list[Tensor] | float] = []  # a float β: ΔX_j = β p_j
         self.d_steps: list[list[Tensor]] = []
         self.gram: list[list[float]] = []
 
-    def append(self, dx: list[Tensor], d: list[Tensor]) -> None:
+    def append(self, dx: list[Tensor] | float, d: list[Tensor]) -> None:
         self.x_steps.append(dx)
         self.d_steps.append(d)
 
@@ -362,7 +420,7 @@ class _History:
             row.append(product)
         self.gram.append(list(products))
 
-    def pop_oldest(self) -> tuple[list[Tensor], list[Tensor]]:
+    def pop_oldest(self) -> tuple[list[Tensor] | float, list[Tensor]]:
         del self.gram[0]
         for row in self.gram:
             del row[0]
@@ -371,7 +429,8 @@ class _History:
     def clear(self, workspace: Workspace) -> None:
         """Forget every difference; their buffers go back to the workspace."""
         for buffers in self.x_steps + self.d_steps:
-            workspace.give(buffers)
+            if isinstance(buffers, list):
+                workspace.give(buffers)
         self.x_steps.clear()
         self.d_steps.clear()
         self.gram.clear()

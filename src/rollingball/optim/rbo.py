@@ -537,14 +537,18 @@ class RBO(Optimizer):
         """u = θ − θ̃ = a g + η v per group, a = ρ/s, and h = ỹ − f(θ) = a − Σ η ⟨g, v⟩.
 
         The start's ⟨g, u⟩ = a‖g‖² + Σ η⟨g, v⟩ and ‖u‖² = a²‖g‖² + 2a Σ η⟨g, v⟩ + Σ η²‖v‖² come
-        from one reduction per group (v = g without momentum; two with)."""
+        from one reduction per group (v = g without momentum, none for a single group: it is
+        ‖g‖²; two with momentum)."""
         a = radius / slope_factor(first.grad_sq)
         groups = list(zip(self.param_groups, first.grads, directions, strict=True))
         scales = [a + group["lr"] if v is g else a for group, g, v in groups for _ in g]
         offset = self.workspace.scaled(_flat(first.grads), scales)
         reductions = []
         start = 0
+        single = len(groups) == 1  # then ⟨g, g⟩ of the group is ‖g‖², known already
         for group, g, v in groups:
+            if v is g and single:
+                continue
             if v is g:
                 reductions.append(squared_norm_device(g))
             else:
@@ -555,7 +559,7 @@ class RBO(Optimizer):
         tangent = velocity = 0.0  # Σ η⟨g, v⟩ and Σ η²‖v‖²
         for group, g, v in groups:
             lr = group["lr"]
-            g_v = next(host)
+            g_v = first.grad_sq if v is g and single else next(host)
             v_sq = g_v if v is g else next(host)
             tangent += lr * g_v
             velocity += lr * lr * v_sq
