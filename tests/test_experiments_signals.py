@@ -79,10 +79,20 @@ def test_signal_then_resume_gives_the_uninterrupted_metrics(tmp_path, how):
         assert process.returncode == -signal.SIGKILL
     saved = read_metrics(out)
     assert 1 <= len(saved) < 6  # stopped early, and what is on disk parses
-    assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint.pt",
-        "config.toml",
-        "metrics.jsonl",
-    ]
+    files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert files == ["checkpoint.pt", "config.toml", "metrics.jsonl"]  # a metrics file has
+    # its checkpoint; a kill -9 inside a write may leave that write's temporary file
     resumed = run(load_config(config), out, resume=True)
     assert _without_time(resumed.metrics) == _without_time(reference.metrics)
+    assert sorted(p.name for p in out.iterdir()) == files  # the temporary is gone
+
+
+def test_resume_removes_the_temporary_files_a_kill_left(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(CONFIG.replace("epochs = 6", "epochs = 1"))
+    out = tmp_path / "out"
+    run(load_config(config), out)
+    stale = out / ".checkpoint.pt.abc123.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    run(load_config(config), out, resume=True)
+    assert not stale.exists()

@@ -9,6 +9,8 @@
   position inside the epoch, accumulators, metrics so far), written atomically after
   every epoch, on Ctrl-C and at the end. It holds tensors and plain Python values only and
   is loaded with ``weights_only=True``, so a checkpoint from elsewhere cannot run code.
+  It is written before the metrics, so metrics on disk always have their checkpoint; a
+  resume deletes the temporary files a kill -9 in the middle of a write left behind.
 
 Every optimizer's ``step`` gets the same closure wrapped in a :class:`CountingClosure`, so
 ``grad_evals`` counts forward+backward passes identically for all. Under
@@ -37,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from rollingball.experiments.atomic import atomic_write, atomic_write_text
+from rollingball.experiments.atomic import atomic_write, atomic_write_text, remove_stale_temporaries
 from rollingball.experiments.config import (
     ConfigError,
     RunConfig,
@@ -367,10 +369,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _save(session: _Session) -> None:
-    """Write metrics.jsonl and checkpoint.pt atomically (rank 0 only; nothing in memory mode)."""
+    """Write checkpoint.pt, then metrics.jsonl, each atomically (rank 0 only; nothing in
+    memory mode): a metrics file on disk always has a checkpoint at least as recent."""
     if session.out is None or not session.ranks.is_main:
         return
-    _write_metrics(session.out / METRICS, session.state.metrics)
     payload = {  # tensors and plain Python values only: loadable with weights_only=True
         "model": _unwrap(session.model).state_dict(),
         "optimizer": session.optimizer.state_dict(),
@@ -381,6 +383,7 @@ def _save(session: _Session) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write(session.out / CHECKPOINT, lambda handle: handle.write(buffer.getvalue()))
+    _write_metrics(session.out / METRICS, session.state.metrics)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -399,6 +402,8 @@ def _restore(session: _Session, resume: bool) -> None:
     out = session.out
     if out is None:
         return
+    if resume and session.ranks.is_main:
+        remove_stale_temporaries(out)
     if resume and (out / CHECKPOINT).exists():
         payload = load_checkpoint(out / CHECKPOINT, session.device)
         _unwrap(session.model).load_state_dict(payload["model"])
