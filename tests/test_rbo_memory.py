@@ -14,18 +14,26 @@ from rollingball.optim.memory import peak_step_memory
 SCALARS = 0.2  # the step's small results (per-tensor norms, inner products), in parameter sizes
 
 
-def measure(**options):
+def _mlp():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5))
-    x, y = torch.randn(32, 20), torch.randint(0, 5, (32,))
-    opt = RBO(model.parameters(), **{"lr": 0.5, "radius": 0.5, "projection_steps": 6, **options})
+    return model, torch.randn(32, 20), torch.randint(0, 5, (32,))
 
+
+def _closure(model, opt, x, y):
     def closure():
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         return loss
 
+    return closure
+
+
+def measure(**options):
+    model, x, y = _mlp()
+    opt = RBO(model.parameters(), **{"lr": 0.5, "radius": 0.5, "projection_steps": 6, **options})
+    closure = _closure(model, opt, x, y)
     opt.step(closure)
     return peak_step_memory(opt, closure)
 
@@ -98,10 +106,9 @@ def test_no_gradient_outlives_the_next_closure_call(projection):
 def test_the_workspace_stays_at_the_working_set_when_the_parameters_change():
     """Steps whose active parameters differ (a parameter without a gradient sits out) keep one
     working set, not one per parameter list, and stay exact."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 5))
-    x, y = torch.randn(32, 20), torch.randint(0, 5, (32,))
+    model, x, y = _mlp()
     opt = RBO(model.parameters(), lr=0.5, radius=0.5, projection_steps=4, anderson_memory=1)
+    closure = _closure(model, opt, x, y)
     param_bytes = sum(p.nbytes for p in model.parameters())
     for step in range(8):
         frozen = step % 2 == 1  # every other step the last layer's bias gets no gradient
@@ -114,13 +121,6 @@ def test_the_workspace_stays_at_the_working_set_when_the_parameters_change():
             anderson_memory=1,
         )
         twin = [p.detach().clone() for p in model.parameters()]
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
         opt.step(closure)
         held = sum(t.nbytes for t in opt.workspace.held())
         assert held <= 5 * param_bytes  # 2m + 3 copies at most, for the current parameters
