@@ -284,15 +284,15 @@ class AndersonProjection:
         """δ = −ΔX α − γ (p + D α), α from the regularised normal equations of ‖p + D α‖.
 
         A difference kept as a multiple of its p, ΔX_j = β_j p_j = β_j (p + Σ_{i≥j} D_i),
-        contributes through p and the D's; δ is kept as the multiple c p while its D terms
+        contributes through p and the D's; δ is kept as the multiple β p while its D terms
         cancel (the plain step −γ p, and the accelerated step after it, −γ(1 − α) p)."""
         if not history.d_steps:
-            return _Step(newton, -step_size)
+            return _Step(newton, -float(step_size))
         gram = np.array(history.gram, dtype=np.float64)
         rhs = -np.array(products[1:], dtype=np.float64)
         ridge = self.regularization * float(gram.diagonal().max()) + 1e-300
         alpha = np.linalg.solve(gram + ridge * np.eye(len(rhs)), rhs).tolist()
-        on_p = -step_size  # the coefficient of p
+        on_p = -float(step_size)  # the coefficient of p
         on_d = []  # the coefficient of each D_i, oldest first
         lazy = 0.0  # Σ_{j ≤ i} α_j β_j over the differences kept as multiples of p
         for a, dx in zip(alpha, history.x_steps, strict=True):
@@ -311,7 +311,7 @@ class AndersonProjection:
             return _Step(newton, on_p)
         if oldest is not None and isinstance(oldest[0], list):  # δ in the oldest ΔX's buffer
             buffer = oldest[0]
-            torch._foreach_mul_(buffer, kept.pop(0)[0] * -1.0)
+            torch._foreach_mul_(buffer, -kept.pop(0)[0])
             torch._foreach_add_(buffer, newton, alpha=on_p)
         else:
             buffer = workspace.scaled(newton, on_p)
