@@ -261,12 +261,9 @@ def test_the_returned_loss_is_the_closures_loss_at_the_start():
 def test_an_integer_projection_step_size_gives_the_float_step():
     """`projection_step_size=1` is the same setting as 1.0 (steps kept as multiples of p
     carry it as a number)."""
-    torch.manual_seed(0)
-    x, y = torch.randn(16, 5), torch.randint(0, 2, (16,))
     finals = []
     for step_size in (1, 1.0):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+        model, x, y = model_and_batch()
         opt = RBO(
             model.parameters(),
             lr=0.5,
@@ -275,15 +272,7 @@ def test_an_integer_projection_step_size_gives_the_float_step():
             projection_steps=5,
             anderson_memory=2,
         )
-
-        def closure(model=model, opt=opt):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        for _ in range(3):
-            opt.step(closure)
+        train(model, opt, x, y, 3)
         finals.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*finals, strict=True):
         assert torch.equal(a, b)
