@@ -34,16 +34,16 @@ class NonFinite(Exception):
 
 @dataclass
 class Evaluation:
-    """Host scalars of one evaluation at x: m = f(x) − ỹ (the height mismatch), ‖g‖², and the
-    device reductions the solver asked for, transferred in the same synchronisation."""
+    """Host scalars of one evaluation at x: m = f(x) − ỹ (the height mismatch) and the device
+    reductions the solver asked for, transferred in the same synchronisation."""
 
     mismatch: float
-    grad_sq: float
     values: list[float] = field(default_factory=list)
 
 
 Reductions = Callable[[list[Tensor]], list[Tensor]]
-"""Device scalars a solver wants with an evaluation, computed from the new gradient g."""
+"""Device scalars a solver wants with an evaluation, computed from the new gradient g; the
+evaluation fails as non-finite if any of them is."""
 
 
 class ProjectionProblem(Protocol):
@@ -56,8 +56,12 @@ class ProjectionProblem(Protocol):
     grads: list[Tensor]
     workspace: Workspace
 
+    @property
+    def calls(self) -> int:
+        """Closure calls so far."""
+
     def start(self) -> Evaluation:
-        """The evaluation at x₀ = θ, known without a closure call, with ⟨g, u⟩ and ‖u‖²."""
+        """The evaluation at x₀ = θ, known without a closure call, with ‖g‖², ⟨g, u⟩ and ‖u‖²."""
 
     def evaluate(self, reductions: Reductions) -> Evaluation:
         """One closure call at the current x."""
@@ -83,15 +87,53 @@ def _no_reductions(grads: list[Tensor]) -> list[Tensor]:
     return []
 
 
+def _products(g: list[Tensor], u: list[Tensor]) -> list[Tensor]:
+    """Terms of ‖g‖², ⟨g, u⟩ and ‖u‖²."""
+    return [squared_norm_device(g), inner_device(g, u), squared_norm_device(u)]
+
+
+def _newton(
+    workspace: Workspace, u: list[Tensor], g: list[Tensor], c: float
+) -> tuple[list[Tensor], Tensor]:
+    """p = u + c g in a workspace buffer (the next closure call may reuse `.grad`), and the
+    terms of ‖p‖²."""
+    p = workspace.add(u, g, c)
+    return p, squared_norm_device(p)
+
+
+def _newton_difference(
+    workspace: Workspace, q: list[Tensor], u: list[Tensor], g: list[Tensor], c: float
+) -> tuple[list[Tensor], list[Tensor]]:
+    """p = u + c g in a workspace buffer and D = q − p in place of q; terms of ‖p‖², ‖D‖²
+    and ⟨D, p⟩."""
+    p = workspace.add(u, g, c)
+    torch._foreach_sub_(q, p)
+    return p, [squared_norm_device(p), squared_norm_device(q), inner_device(q, p)]
+
+
+def _residual(g: list[Tensor], u: list[Tensor], m: float) -> Tensor:
+    """r = u + m g, written over g; the terms of ‖r‖²."""
+    torch._foreach_mul_(g, m)
+    torch._foreach_add_(g, u)
+    return squared_norm_device(g)
+
+
+def _move(x: list[Tensor], u: list[Tensor], v: list[Tensor], beta: float) -> None:
+    """x += β v and u += β v."""
+    torch._foreach_add_(x, v, alpha=beta)
+    torch._foreach_add_(u, v, alpha=beta)
+
+
 @dataclass
 class GradientDescentProjection:
     """The authors' scheme: x_{k+1} = x_k − γ r(x_k), K iterations from x₀ = θ.
 
-    r = u + m g is formed in the `.grad` tensors; x and u move by −γ r. r(θ) is free, and the K-th
+    r = u + m g is formed in the `.grad` tensors, with ‖r‖² in the same pass (it is also the
+    check that the gradient is finite); x and u move by −γ r. r(θ) is free, and the K-th
     iteration is taken blind (r(x_K) would only decide a step that is not taken), so a step
     costs at most K closure calls where the authors' code spends K + 1. With tol > 0 it stops
-    when ‖r(x)‖ ≤ tol·‖r(θ)‖; with tol = 0 it reproduces the authors' update, and ‖r‖ is only
-    measured at θ and at the last evaluated point. Extra memory: none beyond u.
+    when ‖r(x)‖ ≤ tol·‖r(θ)‖; with tol = 0 it reproduces the authors' update. Two host
+    synchronisations per iteration (the loss, ‖r‖). Extra memory: none beyond u.
     """
 
     max_steps: int
@@ -101,24 +143,22 @@ class GradientDescentProjection:
     def solve(self, problem: ProjectionProblem) -> ProjectionResult:
         x, offset, gamma = problem.params, problem.offset, self.step_size
         evaluation = problem.start()
-        initial = norm = math.inf
+        initial = math.inf
         moves = 0
         while True:
-            residual = problem.grads  # r = u + m g, in place
-            torch._foreach_mul_(residual, evaluation.mismatch)
-            torch._foreach_add_(residual, offset)
-            if self.tol > 0 or moves in (0, self.max_steps - 1):
-                norm = math.sqrt(to_host([squared_norm_device(residual)])[0])
-                if not math.isfinite(norm):
-                    raise NonFinite("non-finite projection residual")
-                initial = norm if moves == 0 else initial
-                if norm <= self.tol * initial:
-                    return ProjectionResult(moves, initial, norm)
-            torch._foreach_add_(x, residual, alpha=-gamma)
+            residual = problem.grads  # r = u + m g, in place, with ‖r‖² in the same pass
+            norm = math.sqrt(to_host([_residual(residual, offset, evaluation.mismatch)])[0])
+            if not math.isfinite(norm):  # ‖g‖² is not measured apart: this is its check
+                raise NonFinite(f"non-finite gradient at closure call {problem.calls}")
+            initial = norm if moves == 0 else initial
+            decides = self.tol > 0 or moves in (0, self.max_steps - 1)  # tol 0: K iterations
+            if decides and norm <= self.tol * initial:
+                return ProjectionResult(moves, initial, norm)
             moves += 1
             if moves == self.max_steps:  # u is not needed after the last move
+                torch._foreach_add_(x, residual, alpha=-gamma)
                 return ProjectionResult(moves - 1, initial, norm, blind_step=True)
-            torch._foreach_add_(offset, residual, alpha=-gamma)
+            _move(x, offset, residual, -gamma)
             del residual
             evaluation = problem.evaluate(_no_reductions)
 
@@ -185,16 +225,16 @@ class AndersonProjection:
     contraction: float = 0.5
 
     def solve(self, problem: ProjectionProblem) -> ProjectionResult:
+        workspace = problem.workspace
         point = self._point(problem.start())
         history = _History()
-        newton = self._newton(problem, point)
-        norm, products = self._reduce(point, newton, history)
+        newton, fused = _newton(workspace, problem.offset, problem.grads, point.newton_shift)
+        norm, products = self._reduce(point, [fused], history, newton)
         initial = norm
         calls, safeguards, step_size, blind = 0, 0, self.step_size, False
         previous: _Point | None = None  # the point before the last accepted trial
         check: list[float] = []  # ⟨g, δ⟩ and ‖δ‖² of the step to the last evaluated point
         fresh = True  # problem.grads is g at x_k (after a rejection: at the rejected point)
-        workspace = problem.workspace
         while norm > self.tol * initial:
             accelerated = bool(history.x_steps)  # before the step drops the oldest difference
             step = self._step(workspace, newton, history, products, step_size)
@@ -202,20 +242,20 @@ class AndersonProjection:
                 blind = (
                     previous is not None
                     and bool(check)
-                    and self._blind_is_safe(problem, previous, point, check, step)
+                    and self._blind_is_safe(problem, previous, point, check, step, products[0])
                 )
                 if blind:  # u is not needed after the last move
-                    step.move([problem.params])
+                    step.move(problem.params)
                 step.release(workspace)
                 break
             last = calls + 1 == self.max_steps and fresh  # it decides the blind step
             along = step.along(problem, point, products[0]) if last else ([], [])
-            step.move([problem.params, problem.offset])
+            step.move(problem.params, problem.offset)
             evaluation = problem.evaluate(self._reductions(problem, along[0]))
             trial = self._point(evaluation)
             calls += 1
             if trial.phi > point.phi + problem.phi_noise(trial.mismatch, trial.phi):
-                step.move([problem.params, problem.offset], -1.0)  # rejected: back to x_k
+                step.move(problem.params, problem.offset, -1.0)  # rejected: back to x_k
                 step.release(workspace)
                 history.clear(workspace)
                 safeguards += 1
@@ -223,55 +263,53 @@ class AndersonProjection:
                     step_size /= 2
                 previous, products, fresh = None, products[:1], False
                 continue
-            new_newton = self._newton(problem, trial)
-            torch._foreach_sub_(newton, new_newton)  # becomes D = p_k − p_{k+1} in place
+            new_newton, fused_products = _newton_difference(  # newton becomes D_k =
+                workspace, newton, problem.offset, problem.grads, trial.newton_shift
+            )  # p_k − p_{k+1} in place
             history.append(step.kept(), newton)
-            check = along[1] or evaluation.values[2:]
+            check = along[1] or evaluation.values[3:]
             previous, point, newton = point, trial, new_newton
             fresh = True
-            norm, products = self._reduce(point, newton, history)
+            norm, products = self._reduce(point, fused_products, history, new_newton)
         workspace.give(newton)
         history.clear(workspace)
         return ProjectionResult(calls, initial, norm, safeguards, blind)
 
     @staticmethod
     def _reductions(problem: ProjectionProblem, along: list[Tensor]) -> Reductions:
-        """⟨g, u⟩ and ‖u‖² at the new point, with the precomputed values `along`."""
+        """‖g‖², ⟨g, u⟩ and ‖u‖² at the new point (one pass), with the precomputed values
+        `along`."""
         offset = problem.offset
-        return lambda grads: [inner_device(grads, offset), squared_norm_device(offset), *along]
+        return lambda grads: [*_products(grads, offset), *along]
 
     @staticmethod
     def _point(evaluation: Evaluation) -> _Point:
-        grad_offset, offset_sq = evaluation.values[:2]
-        return _Point(evaluation.mismatch, evaluation.grad_sq, grad_offset, offset_sq)
-
-    @staticmethod
-    def _newton(problem: ProjectionProblem, point: _Point) -> list[Tensor]:
-        """p = u + c g, in a workspace buffer (the next closure call may reuse `.grad`)."""
-        return problem.workspace.add(problem.offset, problem.grads, point.newton_shift)
+        grad_sq, grad_offset, offset_sq = evaluation.values[:3]
+        return _Point(evaluation.mismatch, grad_sq, grad_offset, offset_sq)
 
     @staticmethod
     def _reduce(
-        point: _Point, newton: list[Tensor], history: _History
+        point: _Point, fused: list[Tensor], history: _History, newton: list[Tensor]
     ) -> tuple[float, list[float]]:
         """One synchronisation: ‖p‖², the new Gram row ⟨D_i, D_new⟩ and the right-hand side
-        ⟨D_i, p⟩. Returns (‖r‖, [‖p‖², *right-hand side])."""
-        values = [squared_norm_device(newton)]
-        size = len(history.d_steps)
-        if size:
+        ⟨D_i, p⟩. `fused` holds ‖p‖², and with a history ‖D_new‖² and ⟨D_new, p⟩ from the pass
+        that formed them; the older D_i's products come here. Returns
+        (‖r‖, [‖p‖², *right-hand side])."""
+        older = history.d_steps[:-1]
+        values = list(fused)
+        if older:
             last = history.d_steps[-1]
-            values += [
-                squared_norm_device(d) if d is last else inner_device(d, last)
-                for d in history.d_steps
-            ]
-            values += [inner_device(d, newton) for d in history.d_steps]
+            values += [inner_device(d, last) for d in older]
+            values += [inner_device(d, newton) for d in older]
         host = to_host(values)
         norm = point.residual_norm(host[0])
         if not math.isfinite(norm):
             raise NonFinite("non-finite projection residual")
-        if size:
-            history.add_gram_row(host[1 : 1 + size])
-        return norm, [host[0], *host[1 + size :]]
+        if not history.d_steps:
+            return norm, [host[0]]
+        size = len(older)
+        history.add_gram_row([*host[3 : 3 + size], host[1]])
+        return norm, [host[0], *host[3 + size :], host[2]]
 
     def _step(
         self,
@@ -331,12 +369,14 @@ class AndersonProjection:
         point: _Point,
         check: list[float],
         step: _Step,
+        newton_sq: float,
     ) -> bool:
         """Trust the Gauss–Newton model for one more, unevaluated step (see the class doc).
 
         On the last step, from x_{k−1} to x_k, the model predicted
         φ̂ = ½‖u_k‖² + ½(m_{k−1} + ⟨g_{k−1}, δ_last⟩)²; at x_k it predicts for the blind step
-        φ_GN = ½‖u + δ‖² + ½(m + ⟨g, δ⟩)². One host synchronisation.
+        φ_GN = ½‖u + δ‖² + ½(m + ⟨g, δ⟩)². For δ = β p its products are known on the host;
+        otherwise one host synchronisation.
         """
         linear, last_sq = check
         predicted = 0.5 * point.offset_sq + 0.5 * (before.mismatch + linear) ** 2
@@ -345,15 +385,7 @@ class AndersonProjection:
             return False
         if abs(point.phi - predicted) > self.trust * decrease:
             return False
-        vector, scale = step.vector()
-        offset_step, grad_step, step_sq = to_host(
-            [
-                inner_device(problem.offset, vector),
-                inner_device(problem.grads, vector),
-                squared_norm_device(vector),
-            ]
-        )
-        offset_step, grad_step, step_sq = scale * offset_step, scale * grad_step, scale**2 * step_sq
+        offset_step, grad_step, step_sq = step.products(problem, point, newton_sq)
         if step_sq > (self.contraction**2) * last_sq:
             return False
         model = 0.5 * (point.offset_sq + 2 * offset_step + step_sq)
@@ -376,11 +408,32 @@ class _Step:
         """(v, c) with δ = c v."""
         return (self.newton, self.scale) if self.buffer is None else (self.buffer, 1.0)
 
-    def move(self, targets: list[list[Tensor]], alpha: float = 1.0) -> None:
-        """Every tensor list in `targets` += α δ."""
+    def move(self, x: list[Tensor], u: list[Tensor] | None = None, alpha: float = 1.0) -> None:
+        """x += α δ, and u += α δ when given (one pass for both)."""
         vector, scale = self.vector()
-        for target in targets:
-            torch._foreach_add_(target, vector, alpha=alpha * scale)
+        if u is None:
+            torch._foreach_add_(x, vector, alpha=alpha * scale)
+        else:
+            _move(x, u, vector, alpha * scale)
+
+    def products(
+        self, problem: ProjectionProblem, point: _Point, newton_sq: float
+    ) -> tuple[float, float, float]:
+        """⟨u, δ⟩, ⟨g, δ⟩ and ‖δ‖² at the point δ starts from; for δ = β p from host values:
+        ⟨u, p⟩ = ‖u‖² + c⟨g, u⟩, ⟨g, p⟩ = ⟨g, u⟩ + c‖g‖², ‖p‖² known."""
+        if self.buffer is None:
+            c = point.newton_shift
+            offset_newton = point.offset_sq + c * point.grad_offset
+            grad_newton = point.grad_offset + c * point.grad_sq
+            return self.scale * offset_newton, self.scale * grad_newton, self.scale**2 * newton_sq
+        offset_step, grad_step, step_sq = to_host(
+            [
+                inner_device(problem.offset, self.buffer),
+                inner_device(problem.grads, self.buffer),
+                squared_norm_device(self.buffer),
+            ]
+        )
+        return offset_step, grad_step, step_sq
 
     def kept(self) -> list[Tensor] | float:
         """δ as the history keeps it once p has moved on: the buffer, or β with δ = β p."""

@@ -113,6 +113,10 @@ def _validate_group(group: dict[str, Any]) -> None:
     )
 
 
+def _gradient_norm(grads: list[Tensor]) -> list[Tensor]:
+    return [squared_norm_device(grads)]
+
+
 class _Landscape:
     """The closure seen as the landscape f = κ(±loss + Σ λ/2‖θ‖²) and its gradient."""
 
@@ -135,10 +139,10 @@ class _Landscape:
     def calls(self) -> int:
         return self.closure.calls
 
-    def evaluate(self, reductions: Reductions | None = None) -> _Evaluated:
-        """One closure call: the closure's loss, f(x), the per-group ∇f(x) in `.grad`, ‖∇f‖²
-        and the caller's device `reductions` of the flat gradient, all transferred to the
-        host in one synchronisation."""
+    def evaluate(self, reductions: Reductions = _gradient_norm) -> _Evaluated:
+        """One closure call: the closure's loss, f(x), the per-group ∇f(x) in `.grad` and the
+        caller's device `reductions` of the flat gradient (by default ‖∇f‖²), all transferred
+        to the host in one synchronisation; a non-finite reduction is a non-finite gradient."""
         loss = self.closure()
         if self.calls == 1:  # as in torch.optim, a parameter with no gradient at θ sits out
             self.params = [[p for p in params if p.grad is not None] for params in self.params]
@@ -155,20 +159,17 @@ class _Landscape:
                 torch._foreach_add_(group_grads, params, alpha=decay)
             if self.scale != 1.0:
                 torch._foreach_mul_(group_grads, self.scale)
-        flat = _flat(grads)
-        scalars.append(squared_norm_device(flat))
-        if reductions is not None:
-            scalars += reductions(flat)
+        scalars += reductions(_flat(grads))
         host = to_host(scalars)
         value = host[0]
         if not math.isfinite(value):
             raise _NonFinite(f"non-finite loss {value} at closure call {self.calls}")
         value *= self.sign
         value += sum(0.5 * d * norm_sq for d, norm_sq in zip(decays, host[1:], strict=False))
-        grad_sq = host[1 + len(decays)]
-        if not math.isfinite(grad_sq):
+        values = host[1 + len(decays) :]
+        if not all(map(math.isfinite, values)):
             raise _NonFinite(f"non-finite gradient at closure call {self.calls}")
-        return _Evaluated(loss, value * self.scale, grads, grad_sq, host[2 + len(decays) :])
+        return _Evaluated(loss, value * self.scale, grads, values)
 
     def _reduced(self, loss: Any) -> Tensor:
         """The loss as a float64 scalar on its device, averaged over the process group when
@@ -196,14 +197,17 @@ class _Landscape:
 
 @dataclass
 class _Evaluated:
-    """One closure call seen by the step: the closure's loss, f(x), the per-group ∇f(x), ‖∇f‖²
-    and the values of the caller's reductions."""
+    """One closure call seen by the step: the closure's loss, f(x), the per-group ∇f(x) and
+    the values of the caller's reductions (by default ‖∇f‖²)."""
 
     loss: Any
     value: float
     grads: list[list[Tensor]]
-    grad_sq: float
     values: list[float]
+
+    @property
+    def grad_sq(self) -> float:
+        return self.values[0]
 
 
 @dataclass
@@ -244,15 +248,19 @@ class _Projection:
         self.lift = centre.lift
         self.eps = torch.finfo(params[0].dtype).eps
 
+    @property
+    def calls(self) -> int:
+        return self.landscape.calls
+
     def start(self) -> Evaluation:
-        return Evaluation(-self.lift, self.start_grad_sq, self.start_products)
+        return Evaluation(-self.lift, [self.start_grad_sq, *self.start_products])
 
     def evaluate(self, reductions: Reductions) -> Evaluation:
         self.grads = []  # the closure may replace the `.grad` tensors
         evaluated = self.landscape.evaluate(reductions)
         self.grads = _flat(evaluated.grads)
         mismatch = (evaluated.value - self.start_value) - self.lift
-        return Evaluation(mismatch, evaluated.grad_sq, evaluated.values)
+        return Evaluation(mismatch, evaluated.values)
 
     def phi_noise(self, mismatch: float, phi: float) -> float:
         """Relative round-off on φ itself and on the heights the mismatch is made of."""
