@@ -494,3 +494,42 @@ def test_reductions_are_accurate_and_do_not_overflow_in_half_precision():
     norm_sq, product = to_host([squared_norm_device(half), inner_device(half, half)])
     assert norm_sq == pytest.approx(400_000.0, rel=1e-3)
     assert product == pytest.approx(400_000.0, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"projection": "gd", "projection_steps": 4, "projection_step_size": 0.5},
+        {"projection_steps": 1},
+        {"projection_steps": 5, "projection_tol": 0.0, "anderson_memory": 2},
+    ],
+)
+def test_an_offset_left_as_a_multiple_of_the_gradient_gives_the_same_step(monkeypatch, options):
+    """Without momentum u = (ρ/s + η) g at θ is formed only at the solver's first move (from
+    the gradient, with that move folded in); forming it up front takes the same steps."""
+    from rollingball.optim import rbo as rbo_module
+
+    def train(form_up_front: bool) -> list[torch.Tensor]:
+        if form_up_front:
+            original = rbo_module.RBO._moved_centre
+
+            def formed(self, radius, first, directions):
+                centre = original(self, radius, first, directions)
+                assert centre.offset is None and centre.offset_scale is not None
+                grads = [g for group in first.grads for g in group]
+                centre.offset = [centre.offset_scale * g for g in grads]
+                centre.offset_scale = None
+                return centre
+
+            monkeypatch.setattr(rbo_module.RBO, "_moved_centre", formed)
+        model = small_mlp().double()
+        x, y = batch()
+        opt = RBO(model.parameters(), lr=0.5, radius=0.3, **options)
+        for _ in range(5):
+            opt.step(make_closure(model, opt, x.double(), y))
+        monkeypatch.undo()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for lazy, formed in zip(train(False), train(True), strict=True):
+        torch.testing.assert_close(lazy, formed, rtol=1e-12, atol=1e-14)

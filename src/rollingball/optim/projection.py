@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rollingball.optim.geometry import inner_device, squared_norm_device, to_host
+from rollingball.optim.geometry import inner_device, plain_cpu, squared_norm_device, to_host
 from rollingball.optim.workspace import Workspace
 
 SOLVERS = ("anderson", "gd")
@@ -49,12 +49,19 @@ evaluation fails as non-finite if any of them is."""
 class ProjectionProblem(Protocol):
     """What a solver sees: the iterate x (the parameters), u = x − θ̃, the gradient g at the
     last evaluated point (in `.grad`; the next closure call replaces it), evaluations, and
-    the workspace its parameter-sized buffers come from and go back to."""
+    the workspace its parameter-sized buffers come from and go back to.
+
+    At θ, u may be the multiple `offset_scale` of g and not formed yet (`offset` empty): the
+    solver's first step is then along g as well, and it forms u once with `seat_offset`."""
 
     params: list[Tensor]
     offset: list[Tensor]
+    offset_scale: float | None  # not None while u = offset_scale · g is not formed
     grads: list[Tensor]
     workspace: Workspace
+
+    def seat_offset(self, scale: float) -> None:
+        """Form u = scale · g from the gradient at θ (before the first evaluation)."""
 
     @property
     def calls(self) -> int:
@@ -112,9 +119,13 @@ def _newton_difference(
 
 
 def _residual(g: list[Tensor], u: list[Tensor], m: float) -> Tensor:
-    """r = u + m g, written over g; the terms of ‖r‖²."""
-    torch._foreach_mul_(g, m)
-    torch._foreach_add_(g, u)
+    """r = u + m g, written over g (one pass on the CPU); the terms of ‖r‖²."""
+    if plain_cpu(g):
+        for r, x in zip(g, u, strict=True):
+            torch.add(x, r, alpha=m, out=r)
+    else:
+        torch._foreach_mul_(g, m)
+        torch._foreach_add_(g, u)
     return squared_norm_device(g)
 
 
@@ -141,14 +152,20 @@ class GradientDescentProjection:
     tol: float
 
     def solve(self, problem: ProjectionProblem) -> ProjectionResult:
-        x, offset, gamma = problem.params, problem.offset, self.step_size
+        x, gamma = problem.params, self.step_size
         evaluation = problem.start()
         initial = math.inf
         moves = 0
         while True:
-            residual = problem.grads  # r = u + m g, in place, with ‖r‖² in the same pass
-            norm = math.sqrt(to_host([_residual(residual, offset, evaluation.mismatch)])[0])
-            if not math.isfinite(norm):  # ‖g‖² is not measured apart: this is its check
+            residual = problem.grads  # r = u + m g, in place
+            lazy = problem.offset_scale
+            if lazy is not None:  # at θ with u = s g: r = (s + m) g, not formed
+                factor = lazy + evaluation.mismatch
+                norm, along = abs(factor) * math.sqrt(evaluation.values[0]), -gamma * factor
+            else:  # ‖r‖² in the pass after: it is also the check that the gradient is finite
+                terms = _residual(residual, problem.offset, evaluation.mismatch)
+                norm, along = math.sqrt(to_host([terms])[0]), -gamma
+            if not math.isfinite(norm):
                 raise NonFinite(f"non-finite gradient at closure call {problem.calls}")
             initial = norm if moves == 0 else initial
             decides = self.tol > 0 or moves in (0, self.max_steps - 1)  # tol 0: K iterations
@@ -156,9 +173,13 @@ class GradientDescentProjection:
                 return ProjectionResult(moves, initial, norm)
             moves += 1
             if moves == self.max_steps:  # u is not needed after the last move
-                torch._foreach_add_(x, residual, alpha=-gamma)
+                torch._foreach_add_(x, residual, alpha=along)
                 return ProjectionResult(moves - 1, initial, norm, blind_step=True)
-            _move(x, offset, residual, -gamma)
+            if lazy is not None:  # u − γ r = (s − γ(s + m)) g
+                problem.seat_offset(lazy + along)
+                torch._foreach_add_(x, residual, alpha=along)
+            else:
+                _move(x, problem.offset, residual, along)
             del residual
             evaluation = problem.evaluate(_no_reductions)
 
@@ -228,7 +249,13 @@ class AndersonProjection:
         workspace = problem.workspace
         point = self._point(problem.start())
         history = _History()
-        newton, fused = _newton(workspace, problem.offset, problem.grads, point.newton_shift)
+        lazy = problem.offset_scale
+        if lazy is None:
+            newton, fused = _newton(workspace, problem.offset, problem.grads, point.newton_shift)
+        else:  # u = s g: p = (s + c) g, and ‖p‖² = (s + c)²‖g‖² without a pass
+            factor = lazy + point.newton_shift
+            newton = workspace.scaled(problem.grads, factor)
+            fused = torch.tensor([factor * factor * point.grad_sq], dtype=torch.float64)
         norm, products = self._reduce(point, [fused], history, newton)
         initial = norm
         calls, safeguards, step_size, blind = 0, 0, self.step_size, False
@@ -250,7 +277,12 @@ class AndersonProjection:
                 break
             last = calls + 1 == self.max_steps and fresh  # it decides the blind step
             along = step.along(problem, point, products[0]) if last else ([], [])
-            step.move(problem.params, problem.offset)
+            if lazy is not None:  # the first, plain step: u − γ p = (s − γ(s + c)) g
+                step.move(problem.params)
+                problem.seat_offset(lazy + step.scale * (lazy + point.newton_shift))
+                lazy = None
+            else:
+                step.move(problem.params, problem.offset)
             evaluation = problem.evaluate(self._reductions(problem, along[0]))
             trial = self._point(evaluation)
             calls += 1

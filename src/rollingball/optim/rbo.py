@@ -212,10 +212,12 @@ class _Evaluated:
 
 @dataclass
 class _MovedCentre:
-    """The moved centre as the projection starts from it: u = θ − θ̃, h = ỹ − f(θ), and ⟨g, u⟩
-    and ‖u‖² at θ."""
+    """The moved centre as the projection starts from it: u = θ − θ̃ (None while it is the
+    multiple `offset_scale` of g, formed only when the solver first moves), h = ỹ − f(θ),
+    and ⟨g, u⟩ and ‖u‖² at θ."""
 
-    offset: list[Tensor]
+    offset: list[Tensor] | None
+    offset_scale: float | None
     lift: float
     grad_offset: float
     offset_sq: float
@@ -238,7 +240,8 @@ class _Projection:
     ) -> None:
         self.landscape = landscape
         self.params = params
-        self.offset = centre.offset
+        self.offset = centre.offset or []  # formed by `seat_offset` when u = s g
+        self.offset_scale = centre.offset_scale
         self.start_products = [centre.grad_offset, centre.offset_sq]
         self.workspace = workspace
         self.grads = _flat(first.grads)
@@ -254,6 +257,13 @@ class _Projection:
 
     def start(self) -> Evaluation:
         return Evaluation(-self.lift, [self.start_grad_sq, *self.start_products])
+
+    def seat_offset(self, scale: float) -> None:
+        """u = scale · g at θ, in a workspace buffer (before the first evaluation)."""
+        if self.offset_scale is None or self.landscape.calls != 1:
+            raise RuntimeError("the offset is formed from the gradient at θ, once")
+        self.offset = self.workspace.scaled(self.grads, scale)
+        self.offset_scale = None
 
     def evaluate(self, reductions: Reductions) -> Evaluation:
         self.grads = []  # the closure may replace the `.grad` tensors
@@ -546,11 +556,13 @@ class RBO(Optimizer):
 
         The start's ⟨g, u⟩ = a‖g‖² + Σ η⟨g, v⟩ and ‖u‖² = a²‖g‖² + 2a Σ η⟨g, v⟩ + Σ η²‖v‖² come
         from one reduction per group (v = g without momentum, none for a single group: it is
-        ‖g‖²; two with momentum)."""
+        ‖g‖²; two with momentum). Without momentum and with one learning rate u = (a + η) g:
+        it is left to the solver, whose first step is along g too (`seat_offset`)."""
         a = radius / slope_factor(first.grad_sq)
         groups = list(zip(self.param_groups, first.grads, directions, strict=True))
         scales = [a + group["lr"] if v is g else a for group, g, v in groups for _ in g]
-        offset = self.workspace.scaled(_flat(first.grads), scales)
+        lazy = all(v is g for _, g, v in groups) and len(set(scales)) == 1  # u = s g
+        offset = None if lazy else self.workspace.scaled(_flat(first.grads), scales)
         reductions = []
         start = 0
         single = len(groups) == 1  # then ⟨g, g⟩ of the group is ‖g‖², known already
@@ -560,6 +572,7 @@ class RBO(Optimizer):
             if v is g:
                 reductions.append(squared_norm_device(g))
             else:
+                assert offset is not None
                 torch._foreach_add_(offset[start : start + len(g)], v, alpha=group["lr"])
                 reductions += [inner_device(g, v), squared_norm_device(v)]
             start += len(g)
@@ -573,6 +586,7 @@ class RBO(Optimizer):
             velocity += lr * lr * v_sq
         return _MovedCentre(
             offset,
+            scales[0] if lazy and scales else None,
             lift=a - tangent,
             grad_offset=a * first.grad_sq + tangent,
             offset_sq=a * a * first.grad_sq + 2 * a * tangent + velocity,
@@ -605,7 +619,7 @@ class RBO(Optimizer):
         )
         problem = _Projection(landscape, _flat(params), centre, first, self.workspace)
         result = solver.solve(problem)
-        self.workspace.give(centre.offset)
+        self.workspace.give(problem.offset)
         norm = result.initial_norm
         relative = result.final_norm / norm if norm > 0 else 0.0
         return {
