@@ -49,7 +49,9 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
     """⟨x, y⟩ of two tensors, accumulated at least in float32 (float16 sums overflow)."""
     if x.dtype is torch.float16 or x.dtype is torch.bfloat16:
         x, y = x.float(), y.float()
-    return torch.vdot(x.reshape(-1), y.reshape(-1))
+    if x.dim() != 1:
+        x, y = x.reshape(-1), y.reshape(-1)
+    return torch.vdot(x, y)
 
 
 def _cpu_terms(a: list[Tensor], b: list[Tensor]) -> Tensor:
@@ -62,7 +64,7 @@ def _cpu_terms(a: list[Tensor], b: list[Tensor]) -> Tensor:
 def plain_cpu(tensors: list[Tensor]) -> bool:
     """Ordinary tensors (no DTensors) on the CPU, where per-tensor kernels are what foreach
     kernels run anyway."""
-    return all(type(t) in _PLAIN and t.device.type == "cpu" for t in tensors)
+    return all(type(t) in _PLAIN and t.is_cpu for t in tensors)
 
 
 def squared_norm_device(tensors: list[Tensor]) -> Tensor:

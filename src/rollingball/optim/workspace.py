@@ -22,7 +22,7 @@ from torch.nn import Parameter
 
 
 def _signature(tensors: list[Tensor]) -> tuple[Any, ...]:
-    return tuple((t.shape, t.dtype, t.device) for t in tensors)
+    return tuple((t.shape, t.dtype) for t in tensors)  # the pool holds CPU tensors only
 
 
 class Workspace:
@@ -34,9 +34,7 @@ class Workspace:
     @staticmethod
     def _reuses(like: list[Tensor]) -> bool:
         """Plain CPU tensors only (a DTensor has no in-place foreach copy)."""
-        return bool(like) and all(
-            t.device.type == "cpu" and type(t) in (Tensor, Parameter) for t in like
-        )
+        return bool(like) and all(t.is_cpu and type(t) in (Tensor, Parameter) for t in like)
 
     def held(self) -> list[Tensor]:
         """The tensors of the buffers kept for the next use."""
