@@ -533,3 +533,43 @@ def test_an_offset_left_as_a_multiple_of_the_gradient_gives_the_same_step(monkey
 
     for lazy, formed in zip(train(False), train(True), strict=True):
         torch.testing.assert_close(lazy, formed, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("memory", [1, 2])
+def test_a_blind_step_left_as_a_combination_of_p_and_the_differences_is_the_same_step(
+    monkeypatch, memory
+):
+    """The blind step β p + Σ c_i D_i is not formed and its rule's products come from host
+    numbers; forming it and reducing it on the device decides and moves the same."""
+    from rollingball.optim import projection
+
+    def train(formed: bool) -> tuple[list[torch.Tensor], int, list[tuple[float, ...]]]:
+        if formed:
+            monkeypatch.setattr(projection._History, "multiples_of_p", lambda self: False)
+        checked = []  # ⟨u, δ⟩, ⟨g, δ⟩, ‖δ‖² of every blind step the rule looked at
+        products = projection._Step.products
+
+        def recorded(self, *args):
+            checked.append(products(self, *args))
+            return checked[-1]
+
+        monkeypatch.setattr(projection._Step, "products", recorded)
+        model = small_mlp().double()
+        x, y = batch()
+        opt = RBO(model.parameters(), lr=3.0, radius=0.3, anderson_memory=memory)
+        blind = 0
+        for _ in range(10):
+            opt.step(make_closure(model, opt, x.double(), y))
+            blind += opt.last_stats["blind_step"]
+        monkeypatch.undo()
+        return [p.detach().clone() for p in model.parameters()], blind, checked
+
+    (lazy, lazy_blind, lazy_checked), (formed, formed_blind, formed_checked) = (
+        train(False),
+        train(True),
+    )
+    assert lazy_blind == formed_blind >= 5
+    assert len(lazy_checked) == len(formed_checked) >= lazy_blind
+    np.testing.assert_allclose(lazy_checked, formed_checked, rtol=1e-9)
+    for a, b in zip(lazy, formed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

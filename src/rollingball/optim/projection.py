@@ -256,7 +256,7 @@ class AndersonProjection:
             factor = lazy + point.newton_shift
             newton = workspace.scaled(problem.grads, factor)
             fused = torch.tensor([factor * factor * point.grad_sq], dtype=torch.float64)
-        norm, products = self._reduce(point, [fused], history, newton)
+        norm, products = self._reduce(problem, point, [fused], history, newton, False)
         initial = norm
         calls, safeguards, step_size, blind = 0, 0, self.step_size, False
         previous: _Point | None = None  # the point before the last accepted trial
@@ -264,17 +264,15 @@ class AndersonProjection:
         fresh = True  # problem.grads is g at x_k (after a rejection: at the rejected point)
         while norm > self.tol * initial:
             accelerated = bool(history.x_steps)  # before the step drops the oldest difference
-            step = self._step(workspace, newton, history, products, step_size)
-            if calls == self.max_steps:
-                blind = (
-                    previous is not None
-                    and bool(check)
-                    and self._blind_is_safe(problem, previous, point, check, step, products[0])
-                )
-                if blind:  # u is not needed after the last move
-                    step.move(problem.params)
-                step.release(workspace)
+            if calls == self.max_steps:  # a blind step needs an accepted last trial point
+                if previous is not None and check:
+                    step = self._step(workspace, newton, history, products, step_size, point)
+                    blind = self._blind_is_safe(problem, previous, point, check, step, products[0])
+                    if blind:  # u is not needed after the last move
+                        step.move(problem.params)
+                    step.release(workspace)
                 break
+            step = self._step(workspace, newton, history, products, step_size)
             last = calls + 1 == self.max_steps and fresh  # it decides the blind step
             along = step.along(problem, point, products[0]) if last else ([], [])
             if lazy is not None:  # the first, plain step: u − γ p = (s − γ(s + c)) g
@@ -302,7 +300,10 @@ class AndersonProjection:
             check = along[1] or evaluation.values[3:]
             previous, point, newton = point, trial, new_newton
             fresh = True
-            norm, products = self._reduce(point, fused_products, history, new_newton)
+            blind_next = calls == self.max_steps and history.multiples_of_p()
+            norm, products = self._reduce(
+                problem, point, fused_products, history, new_newton, blind_next
+            )
         workspace.give(newton)
         history.clear(workspace)
         return ProjectionResult(calls, initial, norm, safeguards, blind)
@@ -321,19 +322,33 @@ class AndersonProjection:
 
     @staticmethod
     def _reduce(
-        point: _Point, fused: list[Tensor], history: _History, newton: list[Tensor]
+        problem: ProjectionProblem,
+        point: _Point,
+        fused: list[Tensor],
+        history: _History,
+        newton: list[Tensor],
+        blind_next: bool,
     ) -> tuple[float, list[float]]:
         """One synchronisation: ‖p‖², the new Gram row ⟨D_i, D_new⟩ and the right-hand side
         ⟨D_i, p⟩. `fused` holds ‖p‖², and with a history ‖D_new‖² and ⟨D_new, p⟩ from the pass
-        that formed them; the older D_i's products come here. Returns
-        (‖r‖, [‖p‖², *right-hand side])."""
+        that formed them; the older D_i's products come here. Before a blind step that is a
+        combination of p and the D's, also ⟨u, D_i⟩ and ⟨g, D_i⟩ (kept in the history), from
+        which the blind rule's products follow. Returns (‖r‖, [‖p‖², *right-hand side])."""
         older = history.d_steps[:-1]
         values = list(fused)
         if older:
             last = history.d_steps[-1]
             values += [inner_device(d, last) for d in older]
             values += [inner_device(d, newton) for d in older]
+        if blind_next:
+            values += [inner_device(problem.offset, d) for d in history.d_steps]
+            values += [inner_device(problem.grads, d) for d in history.d_steps]
         host = to_host(values)
+        if blind_next:
+            size = len(history.d_steps)
+            history.offset_d = host[len(host) - 2 * size : len(host) - size]
+            history.grad_d = host[len(host) - size :]
+            host = host[: len(host) - 2 * size]
         norm = point.residual_norm(host[0])
         if not math.isfinite(norm):
             raise NonFinite("non-finite projection residual")
@@ -350,12 +365,15 @@ class AndersonProjection:
         history: _History,
         products: list[float],
         step_size: float,
+        blind_at: _Point | None = None,
     ) -> _Step:
         """δ = −ΔX α − γ (p + D α), α from the regularised normal equations of ‖p + D α‖.
 
         A difference kept as a multiple of its p, ΔX_j = β_j p_j = β_j (p + Σ_{i≥j} D_i),
         contributes through p and the D's; δ is kept as the multiple β p while its D terms
-        cancel (the plain step −γ p, and the accelerated step after it, −γ(1 − α) p)."""
+        cancel (the plain step −γ p, and the accelerated step after it, −γ(1 − α) p). The blind
+        step from `blind_at`, when every ΔX is such a multiple, is kept as the combination
+        β p + Σ c_i D_i with its ⟨u, δ⟩, ⟨g, δ⟩ and ‖δ‖² from host numbers (`_History.offset_d`)."""
         if not history.d_steps:
             return _Step(newton, -float(step_size))
         gram = np.array(history.gram, dtype=np.float64)
@@ -374,6 +392,8 @@ class AndersonProjection:
             (a, dx) for a, dx in zip(alpha, history.x_steps, strict=True) if isinstance(dx, list)
         ]
         differences = list(history.d_steps)
+        if blind_at is not None and not kept and history.offset_d:
+            return self._combination(newton, history, products, blind_at, on_p, on_d)
         oldest = history.pop_oldest() if len(differences) == self.memory else None
         if not kept and all(c == 0 for c in on_d):
             if oldest is not None:
@@ -393,6 +413,31 @@ class AndersonProjection:
         if oldest is not None:
             workspace.give(oldest[1])
         return _Step(newton, 1.0, buffer)
+
+    @staticmethod
+    def _combination(
+        newton: list[Tensor],
+        history: _History,
+        products: list[float],
+        point: _Point,
+        on_p: float,
+        on_d: list[float],
+    ) -> _Step:
+        """δ = β p + Σ c_i D_i, not formed: ⟨u, δ⟩ = β⟨u, p⟩ + Σ c_i⟨u, D_i⟩, ⟨g, δ⟩ likewise,
+        ‖δ‖² = β²‖p‖² + 2β Σ c_i⟨D_i, p⟩ + Σ c_i c_j⟨D_i, D_j⟩, with ⟨u, p⟩ = ‖u‖² + c⟨g, u⟩ and
+        ⟨g, p⟩ = ⟨g, u⟩ + c‖g‖²."""
+        c = point.newton_shift
+        offset_step = on_p * (point.offset_sq + c * point.grad_offset)
+        offset_step += sum(k * v for k, v in zip(on_d, history.offset_d, strict=True))
+        grad_step = on_p * (point.grad_offset + c * point.grad_sq)
+        grad_step += sum(k * v for k, v in zip(on_d, history.grad_d, strict=True))
+        step_sq = on_p * on_p * products[0]
+        step_sq += 2 * on_p * sum(k * v for k, v in zip(on_d, products[1:], strict=True))
+        step_sq += sum(
+            ki * kj * history.gram[i][j] for i, ki in enumerate(on_d) for j, kj in enumerate(on_d)
+        )
+        terms = [(k, d) for k, d in zip(on_d, history.d_steps, strict=True) if k != 0]
+        return _Step(newton, on_p, terms=terms, known=(offset_step, grad_step, max(step_sq, 0.0)))
 
     def _blind_is_safe(
         self,
@@ -429,30 +474,35 @@ class AndersonProjection:
 
 @dataclass
 class _Step:
-    """A step δ: `scale` times the current p (`buffer` None: no pass to form it), or the
-    parameter-sized `buffer` (scale 1)."""
+    """A step δ: `scale` times the current p plus Σ c_i D_i over `terms` (`buffer` None: no
+    pass to form it), or the parameter-sized `buffer` (scale 1). `known` holds ⟨u, δ⟩, ⟨g, δ⟩
+    and ‖δ‖² when they were found on the host."""
 
     newton: list[Tensor]
     scale: float
     buffer: list[Tensor] | None = None
-
-    def vector(self) -> tuple[list[Tensor], float]:
-        """(v, c) with δ = c v."""
-        return (self.newton, self.scale) if self.buffer is None else (self.buffer, 1.0)
+    terms: list[tuple[float, list[Tensor]]] = field(default_factory=list)
+    known: tuple[float, float, float] | None = None
 
     def move(self, x: list[Tensor], u: list[Tensor] | None = None, alpha: float = 1.0) -> None:
         """x += α δ, and u += α δ when given (one pass for both)."""
-        vector, scale = self.vector()
+        vector, scale = (self.newton, self.scale) if self.buffer is None else (self.buffer, 1.0)
         if u is None:
             torch._foreach_add_(x, vector, alpha=alpha * scale)
         else:
             _move(x, u, vector, alpha * scale)
+        for c, d in self.terms:
+            torch._foreach_add_(x, d, alpha=alpha * c)
+            if u is not None:
+                torch._foreach_add_(u, d, alpha=alpha * c)
 
     def products(
         self, problem: ProjectionProblem, point: _Point, newton_sq: float
     ) -> tuple[float, float, float]:
         """⟨u, δ⟩, ⟨g, δ⟩ and ‖δ‖² at the point δ starts from; for δ = β p from host values:
         ⟨u, p⟩ = ‖u‖² + c⟨g, u⟩, ⟨g, p⟩ = ⟨g, u⟩ + c‖g‖², ‖p‖² known."""
+        if self.known is not None:
+            return self.known
         if self.buffer is None:
             c = point.newton_shift
             offset_newton = point.offset_sq + c * point.grad_offset
@@ -468,7 +518,9 @@ class _Step:
         return offset_step, grad_step, step_sq
 
     def kept(self) -> list[Tensor] | float:
-        """δ as the history keeps it once p has moved on: the buffer, or β with δ = β p."""
+        """δ as the history keeps it once p has moved on: the buffer, or β with δ = β p (a
+        combination is only ever a blind step, never kept)."""
+        assert not self.terms
         return self.scale if self.buffer is None else self.buffer
 
     def release(self, workspace: Workspace) -> None:
@@ -494,6 +546,12 @@ class _History:
         self.x_steps: list[list[Tensor] | float] = []  # a float β: ΔX_j = β p_j
         self.d_steps: list[list[Tensor]] = []
         self.gram: list[list[float]] = []
+        self.offset_d: list[float] = []  # ⟨u, D_i⟩ and ⟨g, D_i⟩ before a blind step
+        self.grad_d: list[float] = []
+
+    def multiples_of_p(self) -> bool:
+        """Whether every kept ΔX is a multiple of its p (then δ needs only p and the D's)."""
+        return all(isinstance(dx, float) for dx in self.x_steps)
 
     def append(self, dx: list[Tensor] | float, d: list[Tensor]) -> None:
         self.x_steps.append(dx)
@@ -519,6 +577,7 @@ class _History:
         self.x_steps.clear()
         self.d_steps.clear()
         self.gram.clear()
+        self.offset_d, self.grad_d = [], []
 
 
 def make_solver(
