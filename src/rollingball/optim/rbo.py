@@ -172,9 +172,11 @@ class _Landscape:
         return _Evaluated(loss, value * self.scale, grads, values)
 
     def _reduced(self, loss: Any) -> Tensor:
-        """The loss as a float64 scalar on its device, averaged over the process group when
-        training is distributed."""
+        """The loss as a scalar tensor on the parameters' device (float64 when it must be
+        converted), averaged over the process group when training is distributed."""
         device = next(p for params in self.params for p in params).device  # NCCL needs GPU
+        if self.process_group is None and isinstance(loss, Tensor) and loss.device == device:
+            return loss.detach().reshape(1)  # `to_host` sums in float64 anyway
         total = torch.as_tensor(loss, device=device).detach().reshape(()).to(torch.float64)
         if self.process_group is None:
             return total
