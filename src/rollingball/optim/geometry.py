@@ -36,6 +36,8 @@ def to_host(values: list[Tensor]) -> list[float]:
     and comes back as the exactly rounded float64 sum of its terms."""
     if not values:
         return []
+    if len(values) == 1:
+        return [math.fsum(values[0].reshape(-1).tolist())]
     flat = torch.cat([v.reshape(-1) for v in values]).tolist()
     sums, start = [], 0
     for v in values:

@@ -130,17 +130,16 @@ def _residual(g: list[Tensor], u: list[Tensor], m: float) -> Tensor:
 
 
 def _move(x: list[Tensor], u: list[Tensor], v: list[Tensor], beta: float) -> None:
-    """x += β v and u += β v."""
-    torch._foreach_add_(x, v, alpha=beta)
-    torch._foreach_add_(u, v, alpha=beta)
+    """x += β v and u += β v (one foreach call for both)."""
+    torch._foreach_add_([*x, *u], [*v, *v], alpha=beta)
 
 
 @dataclass
 class GradientDescentProjection:
     """The authors' scheme: x_{k+1} = x_k − γ r(x_k), K iterations from x₀ = θ.
 
-    r = u + m g is formed in the `.grad` tensors, with ‖r‖² in the same pass (it is also the
-    check that the gradient is finite); x and u move by −γ r. r(θ) is free, and the K-th
+    r = u + m g is formed in the `.grad` tensors and ‖r‖² taken at every iteration (it is also
+    the check that the gradient is finite); x and u move by −γ r. r(θ) is free, and the K-th
     iteration is taken blind (r(x_K) would only decide a step that is not taken), so a step
     costs at most K closure calls where the authors' code spends K + 1. With tol > 0 it stops
     when ‖r(x)‖ ≤ tol·‖r(θ)‖; with tol = 0 it reproduces the authors' update. Two host
@@ -162,7 +161,7 @@ class GradientDescentProjection:
             if lazy is not None:  # at θ with u = s g: r = (s + m) g, not formed
                 factor = lazy + evaluation.mismatch
                 norm, along = abs(factor) * math.sqrt(evaluation.values[0]), -gamma * factor
-            else:  # ‖r‖² in the pass after: it is also the check that the gradient is finite
+            else:  # ‖r‖² is also the check that the gradient is finite
                 terms = _residual(residual, problem.offset, evaluation.mismatch)
                 norm, along = math.sqrt(to_host([terms])[0]), -gamma
             if not math.isfinite(norm):
@@ -345,10 +344,10 @@ class AndersonProjection:
             values += [inner_device(problem.grads, d) for d in history.d_steps]
         host = to_host(values)
         if blind_next:
-            size = len(history.d_steps)
-            history.offset_d = host[len(host) - 2 * size : len(host) - size]
-            history.grad_d = host[len(host) - size :]
-            host = host[: len(host) - 2 * size]
+            kept = len(history.d_steps)
+            history.offset_d = host[len(host) - 2 * kept : len(host) - kept]
+            history.grad_d = host[len(host) - kept :]
+            host = host[: len(host) - 2 * kept]
         norm = point.residual_norm(host[0])
         if not math.isfinite(norm):
             raise NonFinite("non-finite projection residual")
