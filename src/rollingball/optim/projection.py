@@ -451,8 +451,8 @@ class AndersonProjection:
 
         On the last step, from x_{k−1} to x_k, the model predicted
         φ̂ = ½‖u_k‖² + ½(m_{k−1} + ⟨g_{k−1}, δ_last⟩)²; at x_k it predicts for the blind step
-        φ_GN = ½‖u + δ‖² + ½(m + ⟨g, δ⟩)². For δ = β p its products are known on the host;
-        otherwise one host synchronisation.
+        φ_GN = ½‖u + δ‖² + ½(m + ⟨g, δ⟩)². For δ = β p + Σ c_i D_i its products come from host
+        numbers (`_Step.products`); a formed δ costs one host synchronisation.
         """
         linear, last_sq = check
         predicted = 0.5 * point.offset_sq + 0.5 * (before.mismatch + linear) ** 2
