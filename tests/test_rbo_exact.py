@@ -516,7 +516,7 @@ def test_an_offset_left_as_a_multiple_of_the_gradient_gives_the_same_step(monkey
 
             def formed(self, radius, first, directions):
                 centre = original(self, radius, first, directions)
-                assert centre.offset is None and centre.offset_scale is not None
+                assert not centre.offset and centre.offset_scale is not None
                 grads = [g for group in first.grads for g in group]
                 centre.offset = [centre.offset_scale * g for g in grads]
                 centre.offset_scale = None

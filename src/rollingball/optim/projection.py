@@ -202,6 +202,11 @@ class _Point:
         """c in p = (I + g gᵀ)⁻¹ r = u + c g (Sherman–Morrison): c = (m − ⟨g, u⟩)/(1 + ‖g‖²)."""
         return (self.mismatch - self.grad_offset) / (1.0 + self.grad_sq)
 
+    def newton_products(self) -> tuple[float, float]:
+        """⟨u, p⟩ = ‖u‖² + c⟨g, u⟩ and ⟨g, p⟩ = ⟨g, u⟩ + c‖g‖², from the host scalars."""
+        c = self.newton_shift
+        return self.offset_sq + c * self.grad_offset, self.grad_offset + c * self.grad_sq
+
     def residual_norm(self, newton_sq: float) -> float:
         """‖r‖ from ‖p‖² without cancellation: r = (I + g gᵀ) p, so
         ‖r‖² = ‖p‖² + ⟨g, p⟩²(2 + ‖g‖²), with ⟨g, p⟩ = (⟨g, u⟩ + m‖g‖²)/(1 + ‖g‖²)."""
@@ -423,12 +428,11 @@ class AndersonProjection:
         on_d: list[float],
     ) -> _Step:
         """δ = β p + Σ c_i D_i, not formed: ⟨u, δ⟩ = β⟨u, p⟩ + Σ c_i⟨u, D_i⟩, ⟨g, δ⟩ likewise,
-        ‖δ‖² = β²‖p‖² + 2β Σ c_i⟨D_i, p⟩ + Σ c_i c_j⟨D_i, D_j⟩, with ⟨u, p⟩ = ‖u‖² + c⟨g, u⟩ and
-        ⟨g, p⟩ = ⟨g, u⟩ + c‖g‖²."""
-        c = point.newton_shift
-        offset_step = on_p * (point.offset_sq + c * point.grad_offset)
+        ‖δ‖² = β²‖p‖² + 2β Σ c_i⟨D_i, p⟩ + Σ c_i c_j⟨D_i, D_j⟩ (`_Point.newton_products`)."""
+        offset_newton, grad_newton = point.newton_products()
+        offset_step = on_p * offset_newton
         offset_step += sum(k * v for k, v in zip(on_d, history.offset_d, strict=True))
-        grad_step = on_p * (point.grad_offset + c * point.grad_sq)
+        grad_step = on_p * grad_newton
         grad_step += sum(k * v for k, v in zip(on_d, history.grad_d, strict=True))
         step_sq = on_p * on_p * products[0]
         step_sq += 2 * on_p * sum(k * v for k, v in zip(on_d, products[1:], strict=True))
@@ -503,9 +507,7 @@ class _Step:
         if self.known is not None:
             return self.known
         if self.buffer is None:
-            c = point.newton_shift
-            offset_newton = point.offset_sq + c * point.grad_offset
-            grad_newton = point.grad_offset + c * point.grad_sq
+            offset_newton, grad_newton = point.newton_products()
             return self.scale * offset_newton, self.scale * grad_newton, self.scale**2 * newton_sq
         offset_step, grad_step, step_sq = to_host(
             [
@@ -532,8 +534,8 @@ class _Step:
         """⟨g, δ⟩ and ‖δ‖² at the point δ starts from: device reductions to go with the next
         evaluation, or, for δ = β p, host values (⟨g, p⟩ = ⟨g, u⟩ + c‖g‖², ‖p‖² known)."""
         if self.buffer is None:
-            grad_newton = point.grad_offset + point.newton_shift * point.grad_sq
-            return [], [self.scale * grad_newton, self.scale**2 * newton_sq]
+            _, grad_step, step_sq = self.products(problem, point, newton_sq)
+            return [], [grad_step, step_sq]
         return [inner_device(problem.grads, self.buffer), squared_norm_device(self.buffer)], []
 
 

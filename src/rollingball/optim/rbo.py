@@ -214,11 +214,11 @@ class _Evaluated:
 
 @dataclass
 class _MovedCentre:
-    """The moved centre as the projection starts from it: u = θ − θ̃ (None while it is the
+    """The moved centre as the projection starts from it: u = θ − θ̃ (empty while it is the
     multiple `offset_scale` of g, formed only when the solver first moves), h = ỹ − f(θ),
     and ⟨g, u⟩ and ‖u‖² at θ."""
 
-    offset: list[Tensor] | None
+    offset: list[Tensor]
     offset_scale: float | None
     lift: float
     grad_offset: float
@@ -242,7 +242,7 @@ class _Projection:
     ) -> None:
         self.landscape = landscape
         self.params = params
-        self.offset = centre.offset or []  # formed by `seat_offset` when u = s g
+        self.offset = centre.offset  # formed by `seat_offset` when u = s g
         self.offset_scale = centre.offset_scale
         self.start_products = [centre.grad_offset, centre.offset_sq]
         self.workspace = workspace
@@ -564,7 +564,7 @@ class RBO(Optimizer):
         groups = list(zip(self.param_groups, first.grads, directions, strict=True))
         scales = [a + group["lr"] if v is g else a for group, g, v in groups for _ in g]
         lazy = all(v is g for _, g, v in groups) and len(set(scales)) == 1  # u = s g
-        offset = None if lazy else self.workspace.scaled(_flat(first.grads), scales)
+        offset = [] if lazy else self.workspace.scaled(_flat(first.grads), scales)
         reductions = []
         start = 0
         single = len(groups) == 1  # then ⟨g, g⟩ of the group is ‖g‖², known already
@@ -574,7 +574,6 @@ class RBO(Optimizer):
             if v is g:
                 reductions.append(squared_norm_device(g))
             else:
-                assert offset is not None
                 torch._foreach_add_(offset[start : start + len(g)], v, alpha=group["lr"])
                 reductions += [inner_device(g, v), squared_norm_device(v)]
             start += len(g)
@@ -588,7 +587,7 @@ class RBO(Optimizer):
             velocity += lr * lr * v_sq
         return _MovedCentre(
             offset,
-            scales[0] if lazy and scales else None,
+            scales[0] if lazy else None,
             lift=a - tangent,
             grad_offset=a * first.grad_sq + tangent,
             offset_sq=a * a * first.grad_sq + 2 * a * tangent + velocity,
