@@ -2,8 +2,10 @@
 
     python benchmarks/bench_overhead.py [--steps 20] [--rounds 3] [--threads 2] [--device cpu|cuda]
     python benchmarks/bench_overhead.py --threads 1 --clock cpu
+    python benchmarks/bench_overhead.py --depth 100 --width 64   # many small tensors
 
-MLP 784-1024-1024-10, batch 256. Prints, per optimizer, closure calls per step and
+MLP 784-1024-1024-10 (`--depth` hidden layers of `--width`: 2 of 1024), batch 256. Prints,
+per optimizer, closure calls per step and
 overhead = (step time − closure time) / closure time, all measured side by side in one run:
 SGD, RBO at radius 0, the authors' scheme (gd) and Anderson at K = 8 fixed projection
 iterations (tol = 0), and RBO's defaults. The closure's forward and backward are the real
@@ -24,12 +26,17 @@ from torch import nn
 
 from rollingball import RBO
 
+SHAPE = {"depth": 2, "width": 1024}  # hidden layers of the MLP; set from the command line
+
 
 def make_model() -> nn.Module:
+    """MLP 784-width-…-width-10 with `depth` hidden layers and ReLU."""
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
-    )
+    depth, width = SHAPE["depth"], SHAPE["width"]
+    layers: list[nn.Module] = [nn.Linear(784, width), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
 def _sync(device: torch.device) -> None:
@@ -81,7 +88,12 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--depth", type=int, default=2, help="hidden layers (default 2)")
+    parser.add_argument("--width", type=int, default=1024, help="hidden width (default 1024)")
     args = parser.parse_args()
+    if args.depth < 1 or args.width < 1:
+        parser.error("--depth and --width must be >= 1")
+    SHAPE.update(depth=args.depth, width=args.width)
     if args.clock == "cpu":
         if args.threads != 1 or args.device != "cpu":
             parser.error("--clock cpu needs --threads 1 --device cpu (one thread does all work)")

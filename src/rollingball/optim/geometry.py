@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rollingball.optim.workspace import FlatBuffer
+
 try:
     from torch.distributed.tensor import DTensor, Partial, Replicate
 except ImportError:  # a torch built without distributed support has no DTensor
@@ -23,6 +25,7 @@ except ImportError:  # a torch built without distributed support has no DTensor
 
 _VDOT_NORM = (torch.float32, torch.float64)
 _PLAIN = (Tensor, torch.nn.Parameter)  # not DTensors, which need their global sums
+_CHUNK = 1 << 18  # elements per `vdot` over a flat buffer: float32 sums within ~2e-7 here
 
 
 def squared_norm(tensors: list[Tensor]) -> float:
@@ -56,6 +59,42 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
     return torch.vdot(x, y)
 
 
+def flat_pair(a: list[Tensor], b: list[Tensor]) -> tuple[Tensor, Tensor] | None:
+    """The flat tensors behind two workspace buffers of one layout (`FlatBuffer`), or None."""
+    if isinstance(a, FlatBuffer) and isinstance(b, FlatBuffer) and a.flat.shape == b.flat.shape:
+        return a.flat, b.flat
+    return None
+
+
+def add_(target: list[Tensor], source: list[Tensor], alpha: float = 1.0) -> None:
+    """target += α source: one kernel over the flat tensors of two `FlatBuffer`s, else one
+    foreach call."""
+    pair = flat_pair(target, source)
+    if pair is None:
+        torch._foreach_add_(target, source, alpha=alpha)
+    else:
+        pair[0].add_(pair[1], alpha=alpha)
+
+
+def scale_(target: list[Tensor], factor: float) -> None:
+    """target *= factor (one kernel over a `FlatBuffer`'s flat tensor)."""
+    if isinstance(target, FlatBuffer):
+        target.flat.mul_(factor)
+    else:
+        torch._foreach_mul_(target, factor)
+
+
+def _flat_terms(a: list[Tensor], b: list[Tensor]) -> Tensor | None:
+    """The terms of ⟨a, b⟩ for two float32 or float64 `FlatBuffer`s: one `vdot` per chunk of
+    `_CHUNK` elements of their flat tensors, whatever the number of parameter tensors."""
+    pair = flat_pair(a, b)
+    if pair is None or pair[0].dtype not in _VDOT_NORM:
+        return None
+    x, y = pair
+    chunks = zip(x.split(_CHUNK), y.split(_CHUNK), strict=True)
+    return torch.stack([torch.vdot(p, q) for p, q in chunks])
+
+
 def _cpu_terms(a: list[Tensor], b: list[Tensor]) -> Tensor:
     """The terms ⟨a_t, b_t⟩ for plain CPU tensors, one `vdot` each (`to_host` sums them)."""
     if not a:
@@ -75,7 +114,11 @@ def squared_norm_device(tensors: list[Tensor]) -> Tensor:
 
     On the CPU ⟨a_t, a_t⟩ by `vdot` (`_cpu_terms`): it uses both threads and sums more
     accurately than `_foreach_norm` there (relative error 1e-6 against 2e-5 on 4 M float32
-    values); elsewhere one fused `_foreach_norm`."""
+    values); elsewhere one fused `_foreach_norm`. A workspace `FlatBuffer`: by chunks of its
+    flat tensor."""
+    flat = _flat_terms(tensors, tensors)
+    if flat is not None:
+        return flat
     if plain_cpu(tensors):
         return _cpu_terms(tensors, tensors)
     groups: dict[Any, list[Tensor]] = {}
@@ -94,7 +137,10 @@ def squared_norm_device(tensors: list[Tensor]) -> Tensor:
 
 def inner_device(a: list[Tensor], b: list[Tensor]) -> Tensor:
     """The terms ⟨a_t, b_t⟩ of ⟨a, b⟩, in float64 on the tensors' device, without a host
-    synchronisation (for DTensors: their global sums)."""
+    synchronisation (for DTensors: their global sums; for two `FlatBuffer`s: by chunks)."""
+    flat = _flat_terms(a, b)
+    if flat is not None:
+        return flat
     if plain_cpu(a) and plain_cpu(b):
         return _cpu_terms(a, b)
     columns: dict[Any, list[Tensor]] = {}

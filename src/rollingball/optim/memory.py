@@ -105,7 +105,12 @@ def workspace_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _nbytes(tensors: list[torch.Tensor]) -> int:
-    return sum(t.untyped_storage().nbytes() for t in tensors if t.dim() > 0)
+    """Bytes of the storages behind `tensors`, each storage once (a workspace buffer can be
+    views into one flat storage)."""
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.dim() > 0
+    }
+    return sum(storages.values())
 
 
 def peak_step_memory(optimizer: torch.optim.Optimizer, closure: Callable[[], Any]) -> StepMemory:

@@ -22,7 +22,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rollingball.optim.geometry import inner_device, plain_cpu, squared_norm_device, to_host
+from rollingball.optim.geometry import (
+    add_,
+    inner_device,
+    plain_cpu,
+    scale_,
+    squared_norm_device,
+    to_host,
+)
 from rollingball.optim.workspace import Workspace
 
 SOLVERS = ("anderson", "gd")
@@ -114,7 +121,7 @@ def _newton_difference(
     """p = u + c g in a workspace buffer and D = q − p in place of q; terms of ‖p‖², ‖D‖²
     and ⟨D, p⟩."""
     p = workspace.add(u, g, c)
-    torch._foreach_sub_(q, p)
+    add_(q, p, -1.0)
     return p, [squared_norm_device(p), squared_norm_device(q), inner_device(q, p)]
 
 
@@ -405,15 +412,15 @@ class AndersonProjection:
             return _Step(newton, on_p)
         if oldest is not None and isinstance(oldest[0], list):  # δ in the oldest ΔX's buffer
             buffer = oldest[0]
-            torch._foreach_mul_(buffer, -kept.pop(0)[0])
-            torch._foreach_add_(buffer, newton, alpha=on_p)
+            scale_(buffer, -kept.pop(0)[0])
+            add_(buffer, newton, on_p)
         else:
             buffer = workspace.scaled(newton, on_p)
         for a, dx in kept:
-            torch._foreach_add_(buffer, dx, alpha=-a)
+            add_(buffer, dx, -a)
         for c, d in zip(on_d, differences, strict=True):
             if c != 0:
-                torch._foreach_add_(buffer, d, alpha=c)
+                add_(buffer, d, c)
         if oldest is not None:
             workspace.give(oldest[1])
         return _Step(newton, 1.0, buffer)

@@ -10,6 +10,12 @@ pass each) and keeps nothing.
 
 The buffers held between steps are the step's peak working set (2m + 3 parameter copies
 for the Anderson solver, 2 for gd); `held()` lists them.
+
+When the parameters share one dtype and are contiguous, a buffer is one flat tensor cut into
+views shaped like the parameters (a `FlatBuffer`): a reduction or an update between two such
+buffers then runs over the flat tensor in a few long kernels, not one kernel and some
+microseconds of Python per parameter tensor (`geometry.flat_pair`), which is what a model of
+many small tensors pays for otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +29,25 @@ from torch.nn import Parameter
 
 def _signature(tensors: list[Tensor]) -> tuple[Any, ...]:
     return tuple((t.shape, t.dtype) for t in tensors)  # the pool holds CPU tensors only
+
+
+class FlatBuffer(list[Tensor]):
+    """Views shaped like the parameters into one contiguous tensor, `flat`."""
+
+    flat: Tensor
+
+
+def _allocate(like: list[Tensor]) -> list[Tensor]:
+    """An uninitialised buffer shaped like `like`: a `FlatBuffer` when every tensor is
+    contiguous and of one dtype, else one tensor per parameter (in its memory format)."""
+    dtype = like[0].dtype
+    if not all(t.dtype == dtype and t.is_contiguous() for t in like):
+        return [torch.empty_like(t) for t in like]
+    flat = torch.empty(sum(t.numel() for t in like), dtype=dtype)
+    pieces = flat.split([t.numel() for t in like])
+    buffer = FlatBuffer(piece.view(t.shape) for piece, t in zip(pieces, like, strict=True))
+    buffer.flat = flat
+    return buffer
 
 
 class Workspace:
@@ -53,8 +78,11 @@ class Workspace:
             self._free[signature].append(buffers)
 
     def _take(self, like: list[Tensor]) -> list[Tensor] | None:
-        pool = self._free.get(_signature(like)) if self._reuses(like) else None
-        return pool.pop() if pool else None
+        """A kept buffer shaped like `like`, a new one on the CPU, None elsewhere."""
+        if not self._reuses(like):
+            return None
+        pool = self._free.get(_signature(like))
+        return pool.pop() if pool else _allocate(like)
 
     def copy(self, a: list[Tensor]) -> list[Tensor]:
         """A buffer holding a copy of a."""
