@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from rollingball import RBO
-from rollingball.optim.memory import peak_step_memory, workspace_tensors
+from rollingball.optim.memory import peak_step_memory, storage_bytes, workspace_tensors
 
 OPTIMIZERS = {
     "Adam": lambda p: torch.optim.Adam(p, lr=1e-3),
@@ -107,7 +107,7 @@ def rss_in_this_process(name: str, width: int, device_name: str = "cpu") -> dict
     base = reset()
     opt.step(closure)
     step_peak = peak() - base
-    kept = sum(t.untyped_storage().nbytes() for t in workspace_tensors(opt))
+    kept = storage_bytes(workspace_tensors(opt))
     return {
         "params_millions": param_bytes / 4 / 1e6,
         "extra_copies": (step_peak - closure_peak + kept) / param_bytes,

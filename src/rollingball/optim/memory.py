@@ -104,9 +104,9 @@ def workspace_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return workspace.held() if workspace is not None else []
 
 
-def _nbytes(tensors: list[torch.Tensor]) -> int:
+def storage_bytes(tensors: list[torch.Tensor]) -> int:
     """Bytes of the storages behind `tensors`, each storage once (a workspace buffer can be
-    views into one flat storage)."""
+    views into one flat storage); 0-dimensional tensors (step counters) are left out."""
     storages = {
         t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.dim() > 0
     }
@@ -137,7 +137,7 @@ def peak_step_memory(optimizer: torch.optim.Optimizer, closure: Callable[[], Any
         optimizer.step(uncounted_closure)
     return StepMemory(
         param_bytes=sum(p.nbytes for p in params),
-        state_bytes=_nbytes(state_tensors(optimizer)),
-        workspace_bytes=_nbytes(workspace_tensors(optimizer)),
+        state_bytes=storage_bytes(state_tensors(optimizer)),
+        workspace_bytes=storage_bytes(workspace_tensors(optimizer)),
         peak_transient_bytes=tracker.peak,
     )
