@@ -104,8 +104,8 @@ def _cpu_terms(a: list[Tensor], b: list[Tensor]) -> Tensor:
 
 def plain_cpu(tensors: list[Tensor]) -> bool:
     """Ordinary tensors (no DTensors) on the CPU, where per-tensor kernels are what foreach
-    kernels run anyway."""
-    return all(type(t) in _PLAIN and t.is_cpu for t in tensors)
+    kernels run anyway (a workspace `FlatBuffer` always is)."""
+    return isinstance(tensors, FlatBuffer) or all(type(t) in _PLAIN and t.is_cpu for t in tensors)
 
 
 def squared_norm_device(tensors: list[Tensor]) -> Tensor:

@@ -27,14 +27,18 @@ from torch import Tensor
 from torch.nn import Parameter
 
 
-def _signature(tensors: list[Tensor]) -> tuple[Any, ...]:
-    return tuple((t.shape, t.dtype) for t in tensors)  # the pool holds CPU tensors only
-
-
 class FlatBuffer(list[Tensor]):
-    """Views shaped like the parameters into one contiguous tensor, `flat`."""
+    """Views shaped like the parameters into one contiguous tensor, `flat`; `signature`
+    is theirs (shapes and dtype), kept so that the pool need not walk the views."""
 
     flat: Tensor
+    signature: tuple[Any, ...]
+
+
+def _signature(tensors: list[Tensor]) -> tuple[Any, ...]:
+    if isinstance(tensors, FlatBuffer):
+        return tensors.signature
+    return tuple((t.shape, t.dtype) for t in tensors)  # the pool holds CPU tensors only
 
 
 def _allocate(like: list[Tensor]) -> list[Tensor]:
@@ -46,7 +50,7 @@ def _allocate(like: list[Tensor]) -> list[Tensor]:
     flat = torch.empty(sum(t.numel() for t in like), dtype=dtype)
     pieces = flat.split([t.numel() for t in like])
     buffer = FlatBuffer(piece.view(t.shape) for piece, t in zip(pieces, like, strict=True))
-    buffer.flat = flat
+    buffer.flat, buffer.signature = flat, _signature(like)
     return buffer
 
 
@@ -58,7 +62,10 @@ class Workspace:
 
     @staticmethod
     def _reuses(like: list[Tensor]) -> bool:
-        """Plain CPU tensors only (a DTensor has no in-place foreach copy)."""
+        """Plain CPU tensors only (a DTensor has no in-place foreach copy); a `FlatBuffer` is
+        one by construction."""
+        if isinstance(like, FlatBuffer):
+            return True
         return bool(like) and all(t.is_cpu and type(t) in (Tensor, Parameter) for t in like)
 
     def held(self) -> list[Tensor]:
