@@ -9,7 +9,14 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rollingball import RBO
-from rollingball.optim.geometry import add_, inner_device, scale_, squared_norm_device, to_host
+from rollingball.optim.geometry import (
+    add_,
+    flat_pair,
+    inner_device,
+    scale_,
+    squared_norm_device,
+    to_host,
+)
 from rollingball.optim.workspace import FlatBuffer, Workspace
 
 
@@ -106,3 +113,14 @@ def test_reductions_between_buffers_do_not_grow_with_the_number_of_parameter_ten
     per_tensor = (many - few) / (80 - 4)
     assert per_tensor <= 6
     assert many <= 6 * 80 + 9
+
+
+def test_buffers_of_different_layouts_are_not_paired_element_by_element():
+    """Same number of elements, different shapes: the flat tensors would pair the wrong
+    elements, so the per-tensor path computes ⟨a, b⟩."""
+    workspace = Workspace()
+    a = _filled(workspace, [torch.zeros(2, 3), torch.zeros(4)], 1)
+    b = _filled(workspace, [torch.zeros(4), torch.zeros(2, 3)], 2)
+    assert isinstance(a, FlatBuffer) and isinstance(b, FlatBuffer)
+    assert flat_pair(a, b) is None
+    assert flat_pair(a, a) is not None

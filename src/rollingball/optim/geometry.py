@@ -60,8 +60,9 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
 
 
 def flat_pair(a: list[Tensor], b: list[Tensor]) -> tuple[Tensor, Tensor] | None:
-    """The flat tensors behind two workspace buffers of one layout (`FlatBuffer`), or None."""
-    if isinstance(a, FlatBuffer) and isinstance(b, FlatBuffer) and a.flat.shape == b.flat.shape:
+    """The flat tensors behind two workspace buffers of one layout (`FlatBuffer`s whose views
+    have the same shapes and dtype, so that their elements pair up), or None."""
+    if isinstance(a, FlatBuffer) and isinstance(b, FlatBuffer) and a.signature == b.signature:
         return a.flat, b.flat
     return None
 
