@@ -85,19 +85,14 @@ def scale_(target: list[Tensor], factor: float) -> None:
         torch._foreach_mul_(target, factor)
 
 
-def _flat_terms(a: list[Tensor], b: list[Tensor]) -> Tensor | None:
-    """The terms of ⟨a, b⟩ for two float32 or float64 `FlatBuffer`s: one `vdot` per chunk of
-    `_CHUNK` elements of their flat tensors, whatever the number of parameter tensors."""
-    pair = flat_pair(a, b)
-    if pair is None or pair[0].dtype not in _VDOT_NORM:
-        return None
-    x, y = pair
-    chunks = zip(x.split(_CHUNK), y.split(_CHUNK), strict=True)
-    return torch.stack([torch.vdot(p, q) for p, q in chunks])
-
-
 def _cpu_terms(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """The terms ⟨a_t, b_t⟩ for plain CPU tensors, one `vdot` each (`to_host` sums them)."""
+    """The terms ⟨a_t, b_t⟩ for plain CPU tensors, one `vdot` each (`to_host` sums them); for
+    two float32 or float64 `FlatBuffer`s of one layout, one `vdot` per chunk of `_CHUNK`
+    elements of their flat tensors, whatever the number of parameter tensors."""
+    pair = flat_pair(a, b)
+    if pair is not None and pair[0].dtype in _VDOT_NORM:
+        chunks = zip(pair[0].split(_CHUNK), pair[1].split(_CHUNK), strict=True)
+        return torch.stack([torch.vdot(x, y) for x, y in chunks])
     if not a:
         return torch.zeros(1, dtype=torch.float64)
     return torch.stack([_dot(x, y) for x, y in zip(a, b, strict=True)])
@@ -115,11 +110,8 @@ def squared_norm_device(tensors: list[Tensor]) -> Tensor:
 
     On the CPU ⟨a_t, a_t⟩ by `vdot` (`_cpu_terms`): it uses both threads and sums more
     accurately than `_foreach_norm` there (relative error 1e-6 against 2e-5 on 4 M float32
-    values); elsewhere one fused `_foreach_norm`. A workspace `FlatBuffer`: by chunks of its
-    flat tensor."""
-    flat = _flat_terms(tensors, tensors)
-    if flat is not None:
-        return flat
+    values; a workspace `FlatBuffer` by chunks of its flat tensor); elsewhere one fused
+    `_foreach_norm`."""
     if plain_cpu(tensors):
         return _cpu_terms(tensors, tensors)
     groups: dict[Any, list[Tensor]] = {}
@@ -139,9 +131,6 @@ def squared_norm_device(tensors: list[Tensor]) -> Tensor:
 def inner_device(a: list[Tensor], b: list[Tensor]) -> Tensor:
     """The terms ⟨a_t, b_t⟩ of ⟨a, b⟩, in float64 on the tensors' device, without a host
     synchronisation (for DTensors: their global sums; for two `FlatBuffer`s: by chunks)."""
-    flat = _flat_terms(a, b)
-    if flat is not None:
-        return flat
     if plain_cpu(a) and plain_cpu(b):
         return _cpu_terms(a, b)
     columns: dict[Any, list[Tensor]] = {}

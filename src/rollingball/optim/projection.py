@@ -495,7 +495,9 @@ class _Step:
     known: tuple[float, float, float] | None = None
 
     def move(self, x: list[Tensor], u: list[Tensor] | None = None, alpha: float = 1.0) -> None:
-        """x += α δ, and u += α δ when given (one pass for both)."""
+        """x += α δ, and u += α δ when given (one pass for both). A combination's D terms move
+        x alone: it is only ever the blind step, after which u is not needed."""
+        assert u is None or not self.terms
         vector, scale = (self.newton, self.scale) if self.buffer is None else (self.buffer, 1.0)
         if u is None:
             torch._foreach_add_(x, vector, alpha=alpha * scale)
@@ -503,8 +505,6 @@ class _Step:
             _move(x, u, vector, alpha * scale)
         for c, d in self.terms:
             torch._foreach_add_(x, d, alpha=alpha * c)
-            if u is not None:
-                torch._foreach_add_(u, d, alpha=alpha * c)
 
     def products(
         self, problem: ProjectionProblem, point: _Point, newton_sq: float
