@@ -115,6 +115,7 @@ def test_sparse_gradients_are_refused_and_nothing_changes(radius):
 @pytest.mark.parametrize("poison", [math.nan, math.inf])
 @pytest.mark.parametrize("call", [1, 2, 4])
 def test_non_finite_values_leave_every_parameter_as_it_was(projection, where, poison, call):
+    # gd with tol > 0 takes ‖r‖ at every iteration, so it refuses at the poisoned call
     model, x, y = model_and_batch()
     opt = RBO(
         model.parameters(),
@@ -123,7 +124,7 @@ def test_non_finite_values_leave_every_parameter_as_it_was(projection, where, po
         momentum=0.9,
         projection=projection,
         projection_steps=6,
-        projection_tol=0.0,
+        projection_tol=0.0 if projection == "anderson" else 1e-12,
     )
     warmup, _ = closure_for(model, opt, x, y)
     opt.step(warmup)  # so that there is a momentum buffer to protect too
@@ -139,6 +140,43 @@ def test_non_finite_values_leave_every_parameter_as_it_was(projection, where, po
         assert torch.equal(opt.state[p]["momentum_buffer"], buffer)
     assert opt.grad_evals == evals + call  # the closure calls spent are still counted
     assert opt.last_stats["skipped"] is True
+
+
+@pytest.mark.parametrize("poisoned", ["used", "unused"])
+def test_gd_at_tol_0_refuses_a_gradient_it_did_not_reduce_later_and_restores_everything(poisoned):
+    """tol 0 takes no ‖r‖ between the first and the last iteration. A non-finite gradient
+    there poisons x: the next loss finds it (a parameter the loss uses) or, at the latest, the
+    last iteration's ‖r‖ (a parameter it does not use, whose r enters u)."""
+    model, x, y = model_and_batch()
+    unused = nn.Parameter(torch.ones(3))
+    opt = RBO(
+        [*model.parameters(), unused],
+        lr=0.5,
+        radius=1.0,
+        projection="gd",
+        projection_steps=6,
+        projection_tol=0.0,
+    )
+    params = [*model.parameters(), unused]
+    before = [p.detach().clone() for p in params]
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        unused.grad = torch.zeros(3)
+        if calls[0] == 2:
+            target = unused.grad if poisoned == "unused" else next(model.parameters()).grad
+            target.view(-1)[0] = math.nan
+        return loss
+
+    found = "loss nan at closure call 3" if poisoned == "used" else "at or before closure call 6"
+    with pytest.raises(FloatingPointError, match=found):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(params, before, strict=True))
+    assert opt.last_stats["skipped"] and opt.grad_evals == calls[0]
 
 
 def test_skip_mode_counts_the_skipped_step_and_training_goes_on():

@@ -125,14 +125,19 @@ def _newton_difference(
     return p, [squared_norm_device(p), squared_norm_device(q), inner_device(q, p)]
 
 
-def _residual(g: list[Tensor], u: list[Tensor], m: float) -> Tensor:
-    """r = u + m g, written over g (one pass on the CPU); the terms of ‖r‖²."""
+def _form_residual(g: list[Tensor], u: list[Tensor], m: float) -> None:
+    """r = u + m g, written over g (one pass on the CPU)."""
     if plain_cpu(g):
         for r, x in zip(g, u, strict=True):
             torch.add(x, r, alpha=m, out=r)
     else:
         torch._foreach_mul_(g, m)
         torch._foreach_add_(g, u)
+
+
+def _residual(g: list[Tensor], u: list[Tensor], m: float) -> Tensor:
+    """r = u + m g, written over g; the terms of ‖r‖²."""
+    _form_residual(g, u, m)
     return squared_norm_device(g)
 
 
@@ -145,12 +150,16 @@ def _move(x: list[Tensor], u: list[Tensor], v: list[Tensor], beta: float) -> Non
 class GradientDescentProjection:
     """The authors' scheme: x_{k+1} = x_k − γ r(x_k), K iterations from x₀ = θ.
 
-    r = u + m g is formed in the `.grad` tensors and ‖r‖² taken at every iteration (it is also
-    the check that the gradient is finite); x and u move by −γ r. r(θ) is free, and the K-th
-    iteration is taken blind (r(x_K) would only decide a step that is not taken), so a step
-    costs at most K closure calls where the authors' code spends K + 1. With tol > 0 it stops
-    when ‖r(x)‖ ≤ tol·‖r(θ)‖; with tol = 0 it reproduces the authors' update. Two host
-    synchronisations per iteration (the loss, ‖r‖). Extra memory: none beyond u.
+    r = u + m g is formed in the `.grad` tensors and x and u move by −γ r. r(θ) is free, and
+    the K-th iteration is taken blind (r(x_K) would only decide a step that is not taken), so
+    a step costs at most K closure calls where the authors' code spends K + 1. With tol > 0 it
+    stops when ‖r(x)‖ ≤ tol·‖r(θ)‖, and ‖r‖² is taken at every iteration (it is also the check
+    that the gradient is finite): two host synchronisations per iteration (the loss, ‖r‖).
+    With tol = 0 it reproduces the authors' update, and ‖r‖ decides nothing between the first
+    iteration and the last: there it is not taken (one pass and one synchronisation fewer). A
+    non-finite r there is not lost: it enters u, so every later r, and the last iteration's ‖r‖
+    (taken before the blind move) finds it, if the next loss has not. Extra memory: none
+    beyond u.
     """
 
     max_steps: int
@@ -162,19 +171,24 @@ class GradientDescentProjection:
         evaluation = problem.start()
         initial = math.inf
         moves = 0
+        unchecked = False  # an r was not reduced: a non-finite one is found later
         while True:
             residual = problem.grads  # r = u + m g, in place
             lazy = problem.offset_scale
+            decides = self.tol > 0 or moves in (0, self.max_steps - 1)  # tol 0: K iterations
             if lazy is not None:  # at θ with u = s g: r = (s + m) g, not formed
                 factor = lazy + evaluation.mismatch
                 norm, along = abs(factor) * math.sqrt(evaluation.values[0]), -gamma * factor
-            else:  # ‖r‖² is also the check that the gradient is finite
+            elif decides:  # ‖r‖² is also the check that the gradient is finite
                 terms = _residual(residual, problem.offset, evaluation.mismatch)
                 norm, along = math.sqrt(to_host([terms])[0]), -gamma
-            if not math.isfinite(norm):
-                raise NonFinite(f"non-finite gradient at closure call {problem.calls}")
+            else:  # tol 0, between the first iteration and the last: ‖r‖ decides nothing
+                _form_residual(residual, problem.offset, evaluation.mismatch)
+                norm, along, unchecked = math.nan, -gamma, True
+            if decides and not math.isfinite(norm):
+                where = "at or before" if unchecked else "at"
+                raise NonFinite(f"non-finite gradient {where} closure call {problem.calls}")
             initial = norm if moves == 0 else initial
-            decides = self.tol > 0 or moves in (0, self.max_steps - 1)  # tol 0: K iterations
             if decides and norm <= self.tol * initial:
                 return ProjectionResult(moves, initial, norm)
             moves += 1
