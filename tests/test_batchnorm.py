@@ -1,6 +1,7 @@
 """Only the first closure call of a step may update BatchNorm running statistics."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -97,3 +98,60 @@ def test_a_model_without_batchnorm_gets_its_closure_back():
         return torch.zeros(())
 
     assert first_call_updates_batchnorm(model, closure) is closure
+
+
+def test_a_later_call_that_raises_leaves_the_statistics_of_the_first():
+    model = _model()
+    x, _ = _batch()
+    expected = _stats_after_one_forward(model, x)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        model(x)
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return torch.zeros(())
+
+    wrapped = first_call_updates_batchnorm(model, closure)
+    wrapped()
+    with pytest.raises(KeyboardInterrupt):
+        wrapped()
+    for got, want in zip(running_stat_buffers(model), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_refused_gd_step_at_tol_0_leaves_the_statistics_of_one_forward():
+    # tol 0 takes no ‖r‖ between its first and last iteration: a non-finite gradient there
+    # is found at the next call's loss, after a forward from non-finite parameters, whose
+    # running statistics `model=` puts back
+    model = _model()
+    x, y = _batch()
+    expected = _stats_after_one_forward(model, x)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = RBO(
+        model.parameters(),
+        lr=0.1,
+        radius=0.5,
+        projection="gd",
+        projection_steps=6,
+        projection_tol=0.0,
+        model=model,
+        on_nonfinite="skip",
+    )
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if calls[0] == 2:
+            model[0].weight.grad[0, 0, 0, 0] = math.nan
+        return loss
+
+    opt.step(closure)
+    assert opt.last_stats["skipped"] and calls[0] == 3
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    for got, want in zip(running_stat_buffers(model), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -6,7 +6,8 @@ step of RBO with 8 evaluations would move them 8 times as far as a step of SGD, 
 perturbed weights. ``first_call_updates_batchnorm`` wraps a closure so that only its first
 call in a step updates them: it snapshots the running statistics (``running_mean``,
 ``running_var`` and ``num_batches_tracked``) right after the first call and restores them
-after every later call. The batch statistics used inside each forward pass are unchanged.
+after every later call, also one that raises. The batch statistics used inside each forward
+pass are unchanged.
 
     for x, y in loader:
         def closure():
@@ -54,13 +55,15 @@ def first_call_updates_batchnorm(model: nn.Module, closure: Callable[[], T]) -> 
     saved: list[Tensor] = []
 
     def wrapped() -> T:
-        result = closure()
-        with torch.no_grad():
-            if not saved:
-                saved.extend(b.detach().clone() for b in buffers)
-            else:
+        if not saved:
+            result = closure()
+            saved.extend(b.detach().clone() for b in buffers)
+            return result
+        try:
+            return closure()
+        finally:  # also when a later call raises, from wherever its forward got
+            with torch.no_grad():
                 for buffer, value in zip(buffers, saved, strict=True):
                     buffer.copy_(value)
-        return result
 
     return wrapped

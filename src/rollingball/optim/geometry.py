@@ -25,7 +25,6 @@ except ImportError:  # a torch built without distributed support has no DTensor
 
 _VDOT_NORM = (torch.float32, torch.float64)
 _PLAIN = (Tensor, torch.nn.Parameter)  # not DTensors, which need their global sums
-_CHUNK = 1 << 18  # elements per `vdot` over a flat buffer: float32 sums within ~2e-7 here
 
 
 def squared_norm(tensors: list[Tensor]) -> float:
@@ -87,11 +86,12 @@ def scale_(target: list[Tensor], factor: float) -> None:
 
 def _cpu_terms(a: list[Tensor], b: list[Tensor]) -> Tensor:
     """The terms ⟨a_t, b_t⟩ for plain CPU tensors, one `vdot` each (`to_host` sums them); for
-    two float32 or float64 `FlatBuffer`s of one layout, one `vdot` per chunk of `_CHUNK`
-    elements of their flat tensors, whatever the number of parameter tensors."""
+    two float32 or float64 `FlatBuffer`s of one layout, one `vdot` per chunk of their flat
+    tensors (`FlatBuffer.chunks`), whatever the number of parameter tensors."""
     pair = flat_pair(a, b)
     if pair is not None and pair[0].dtype in _VDOT_NORM:
-        chunks = zip(pair[0].split(_CHUNK), pair[1].split(_CHUNK), strict=True)
+        assert isinstance(a, FlatBuffer) and isinstance(b, FlatBuffer)
+        chunks = zip(a.chunks, b.chunks, strict=True)
         return torch.stack([torch.vdot(x, y) for x, y in chunks])
     if not a:
         return torch.zeros(1, dtype=torch.float64)
