@@ -233,7 +233,8 @@ class SyncCounter:
 @pytest.mark.parametrize("projection", ["anderson", "gd"])
 def test_host_synchronisations_per_projection_iteration(monkeypatch, projection):
     """2 host synchronisations per evaluated trial point. Anderson: the evaluation's scalars,
-    then ‖p‖² with the Gram row; gd: the loss, then ‖r‖² (which also checks the gradient)."""
+    then ‖p‖² with the Gram row; gd: the loss, then ‖r‖² (which also checks the gradient; at
+    tol 0 only at the first and the last iteration)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
