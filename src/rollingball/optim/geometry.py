@@ -58,11 +58,11 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
     return torch.vdot(x, y)
 
 
-def flat_pair(a: list[Tensor], b: list[Tensor]) -> tuple[Tensor, Tensor] | None:
-    """The flat tensors behind two workspace buffers of one layout (`FlatBuffer`s whose views
-    have the same shapes and dtype, so that their elements pair up), or None."""
+def flat_pair(a: list[Tensor], b: list[Tensor]) -> tuple[FlatBuffer, FlatBuffer] | None:
+    """Two workspace buffers of one layout (`FlatBuffer`s whose views have the same shapes
+    and dtype, so that the elements of their flat tensors pair up), or None."""
     if isinstance(a, FlatBuffer) and isinstance(b, FlatBuffer) and a.signature == b.signature:
-        return a.flat, b.flat
+        return a, b
     return None
 
 
@@ -73,7 +73,7 @@ def add_(target: list[Tensor], source: list[Tensor], alpha: float = 1.0) -> None
     if pair is None:
         torch._foreach_add_(target, source, alpha=alpha)
     else:
-        pair[0].add_(pair[1], alpha=alpha)
+        pair[0].flat.add_(pair[1].flat, alpha=alpha)
 
 
 def scale_(target: list[Tensor], factor: float) -> None:
@@ -89,9 +89,8 @@ def _cpu_terms(a: list[Tensor], b: list[Tensor]) -> Tensor:
     two float32 or float64 `FlatBuffer`s of one layout, one `vdot` per chunk of their flat
     tensors (`FlatBuffer.chunks`), whatever the number of parameter tensors."""
     pair = flat_pair(a, b)
-    if pair is not None and pair[0].dtype in _VDOT_NORM:
-        assert isinstance(a, FlatBuffer) and isinstance(b, FlatBuffer)
-        chunks = zip(a.chunks, b.chunks, strict=True)
+    if pair is not None and pair[0].flat.dtype in _VDOT_NORM:
+        chunks = zip(pair[0].chunks, pair[1].chunks, strict=True)
         return torch.stack([torch.vdot(x, y) for x, y in chunks])
     if not a:
         return torch.zeros(1, dtype=torch.float64)
