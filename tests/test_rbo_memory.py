@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from rollingball import RBO
+from rollingball.optim import rbo as rbo_module
 from rollingball.optim.memory import peak_step_memory
 
 SCALARS = 0.2  # the step's small results (per-tensor norms, inner products), in parameter sizes
@@ -51,22 +52,32 @@ def test_gd_mode_holds_at_most_two_parameter_sized_buffers(momentum, buffers):
     assert memory.state_buffers == pytest.approx(1.0 if momentum else 0.0)
 
 
+@pytest.fixture(params=[False, True], ids=["per-tensor", "gathered"])
+def gathered(request, monkeypatch):
+    """Whether the Anderson solver gathers the gradient into a flat buffer: this small MLP's
+    tensors are below `GATHER_BELOW`, so it does unless the threshold is lowered to 0."""
+    if not request.param:
+        monkeypatch.setattr(rbo_module, "GATHER_BELOW", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("m", [1, 2, 5])
-def test_anderson_memory_is_2m_plus_3_buffers(m):
+def test_anderson_memory_is_2m_plus_3_buffers(m, gathered):
     """Snapshot, offset, p_k and p_{k+1}, the step in flight and m − 1 kept differences of
-    each kind, at the peak; the first gradient is not held once the next call replaces it."""
+    each kind, at the peak; the first gradient is not held once the next call replaces it.
+    A gathered gradient is one more buffer."""
     memory = measure(projection_tol=0.0, anderson_memory=m)
-    assert memory.step_buffers == pytest.approx(2 * m + 3, abs=SCALARS)
+    assert memory.step_buffers == pytest.approx(2 * m + 3 + gathered, abs=SCALARS)
 
 
 @pytest.mark.parametrize("projection", ["gd", "anderson"])
-def test_on_the_cpu_a_step_reuses_the_last_steps_buffers(projection):
+def test_on_the_cpu_a_step_reuses_the_last_steps_buffers(projection, gathered):
     """After the first step the workspace serves every parameter-sized buffer: a step
     allocates none (only the new momentum buffer would be), and keeps its working set."""
     memory = measure(projection=projection, projection_tol=0.0, anderson_memory=2)
     assert memory.peak_buffers < SCALARS
     assert memory.workspace_bytes / memory.param_bytes == pytest.approx(
-        2 if projection == "gd" else 2 * 2 + 3
+        2 if projection == "gd" else 2 * 2 + 3 + gathered
     )
 
 
@@ -123,7 +134,7 @@ def test_the_workspace_stays_at_the_working_set_when_the_parameters_change():
         twin = [p.detach().clone() for p in model.parameters()]
         opt.step(closure)
         held = sum(t.nbytes for t in opt.workspace.held())
-        assert held <= 5 * param_bytes  # 2m + 3 copies at most, for the current parameters
+        assert held <= 6 * param_bytes  # 2m + 3 copies and the gathered gradient at most
         moved = [p.detach().clone() for p in model.parameters()]
         with torch.no_grad():  # the same step by a fresh optimizer, from the same point
             for p, t in zip(model.parameters(), twin, strict=True):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rollingball.optim.workspace import FlatBuffer
+from rollingball.optim.workspace import FlatBuffer, flat_pair
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Replicate
@@ -56,14 +56,6 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
     if x.dim() != 1:
         x, y = x.reshape(-1), y.reshape(-1)
     return torch.vdot(x, y)
-
-
-def flat_pair(a: list[Tensor], b: list[Tensor]) -> tuple[FlatBuffer, FlatBuffer] | None:
-    """Two workspace buffers of one layout (`FlatBuffer`s whose views have the same shapes
-    and dtype, so that the elements of their flat tensors pair up), or None."""
-    if isinstance(a, FlatBuffer) and isinstance(b, FlatBuffer) and a.signature == b.signature:
-        return a, b
-    return None
 
 
 def add_(target: list[Tensor], source: list[Tensor], alpha: float = 1.0) -> None:

@@ -31,6 +31,7 @@ from rollingball.optim.closure import StepClosure
 from rollingball.optim.geometry import (
     copy_,
     inner_device,
+    plain_cpu,
     slope_factor,
     squared_norm_device,
     to_host,
@@ -57,6 +58,10 @@ NONFINITE_POLICIES = ("raise", "skip")
 # poor progress; warn once when more than half of the last POOR_WINDOW steps did.
 POOR_RESIDUAL = 0.5
 POOR_WINDOW = 20
+# Below this many elements per parameter tensor on average, the Anderson solver's gradient is
+# copied into one flat buffer after each closure call: one pass, which costs less than the
+# microseconds of Python that each of its per-tensor reductions and updates takes per tensor.
+GATHER_BELOW = 1 << 15
 
 
 class ProjectionWarning(UserWarning):
@@ -239,6 +244,7 @@ class _Projection:
         centre: _MovedCentre,
         first: _Evaluated,
         workspace: Workspace,
+        gathers: bool,
     ) -> None:
         self.landscape = landscape
         self.params = params
@@ -246,7 +252,8 @@ class _Projection:
         self.offset_scale = centre.offset_scale
         self.start_products = [centre.grad_offset, centre.offset_sq]
         self.workspace = workspace
-        self.grads = _flat(first.grads)
+        self.gathers = gathers
+        self.grads = self._gathered(_flat(first.grads))
         first.grads = []  # handed over: see RBO._roll
         self.start_value = first.value
         self.start_grad_sq = first.grad_sq
@@ -268,11 +275,29 @@ class _Projection:
         self.offset_scale = None
 
     def evaluate(self, reductions: Reductions) -> Evaluation:
-        self.grads = []  # the closure may replace the `.grad` tensors
-        evaluated = self.landscape.evaluate(reductions)
-        self.grads = _flat(evaluated.grads)
+        self.release_grads()  # the closure may replace the `.grad` tensors
+        gathered: list[list[Tensor]] = []
+
+        def reduce(grads: list[Tensor]) -> list[Tensor]:
+            gathered.append(self._gathered(grads))
+            return reductions(gathered[0])
+
+        evaluated = self.landscape.evaluate(reduce)
+        self.grads = gathered[0]
         mismatch = (evaluated.value - self.start_value) - self.lift
         return Evaluation(mismatch, evaluated.values)
+
+    def _gathered(self, grads: list[Tensor]) -> list[Tensor]:
+        """The gradient copied into one flat workspace buffer when the parameters are many
+        small CPU tensors (`GATHER_BELOW`), so that every reduction and update with it runs
+        over the flat tensor; else the `.grad` tensors themselves."""
+        return self.workspace.copy(grads) if self.gathers else grads
+
+    def release_grads(self) -> None:
+        """Drop the gradient (a gathered copy goes back to the workspace)."""
+        if self.gathers and self.grads:
+            self.workspace.give(self.grads)
+        self.grads = []
 
     def phi_noise(self, mismatch: float, phi: float) -> float:
         """Relative round-off on φ itself and on the heights the mismatch is made of."""
@@ -302,7 +327,8 @@ class RBO(Optimizer):
         loss_scale: κ, scale of the vertical axis: the landscape is κ f.
         maximize: roll on −f.
         anderson_memory: m, the differences the Anderson solver keeps; a step holds 2m + 3
-            parameter-sized buffers at its peak (gd: 2). On the CPU they are kept between
+            parameter-sized buffers at its peak (2m + 4 when it gathers the gradient of many
+            small CPU tensors, see `GATHER_BELOW`; gd: 2). On the CPU they are kept between
             steps in `opt.workspace` and reused, which saves the page faults of fresh large
             allocations; `opt.workspace.clear()` releases them.
         on_nonfinite: "raise" (FloatingPointError) or "skip" the step; either way the
@@ -618,9 +644,12 @@ class RBO(Optimizer):
             settings["projection_tol"],
             settings["anderson_memory"],
         )
-        problem = _Projection(landscape, _flat(params), centre, first, self.workspace)
+        flat = _flat(params)
+        gathers = settings["projection"] == "anderson" and _many_small_tensors(flat)
+        problem = _Projection(landscape, flat, centre, first, self.workspace, gathers)
         result = solver.solve(problem)
         self.workspace.give(problem.offset)
+        problem.release_grads()
         norm = result.initial_norm
         relative = result.final_norm / norm if norm > 0 else 0.0
         return {
@@ -630,6 +659,12 @@ class RBO(Optimizer):
             "converged": relative <= settings["projection_tol"],
             "blind_step": result.blind_step,
         }
+
+
+def _many_small_tensors(params: list[Tensor]) -> bool:
+    """CPU parameters of fewer than `GATHER_BELOW` elements per tensor on average: then the
+    Anderson solver gathers each gradient into one flat buffer (one more parameter copy)."""
+    return plain_cpu(params) and sum(p.numel() for p in params) < GATHER_BELOW * len(params)
 
 
 def _as_float(loss: Any) -> float:

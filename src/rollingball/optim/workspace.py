@@ -9,12 +9,13 @@ allocator already reuses memory: there a `Workspace` allocates (out-of-place ker
 pass each) and keeps nothing.
 
 The buffers held between steps are the step's peak working set (2m + 3 parameter copies
-for the Anderson solver, 2 for gd); `held()` lists them.
+for the Anderson solver, 2m + 4 when it gathers the gradient of many small tensors, 2 for
+gd); `held()` lists them.
 
 When the parameters share one dtype and are contiguous, a buffer is one flat tensor cut into
 views shaped like the parameters (a `FlatBuffer`): a reduction or an update between two such
 buffers then runs over the flat tensor in a few long kernels, not one kernel and some
-microseconds of Python per parameter tensor (`geometry.flat_pair`), which is what a model of
+microseconds of Python per parameter tensor (`flat_pair`), which is what a model of
 many small tensors pays for otherwise.
 """
 
@@ -38,6 +39,14 @@ class FlatBuffer(list[Tensor]):
     flat: Tensor
     signature: tuple[Any, ...]
     chunks: tuple[Tensor, ...]
+
+
+def flat_pair(a: list[Tensor], b: list[Tensor]) -> tuple[FlatBuffer, FlatBuffer] | None:
+    """Two workspace buffers of one layout (`FlatBuffer`s whose views have the same shapes
+    and dtype, so that the elements of their flat tensors pair up), or None."""
+    if isinstance(a, FlatBuffer) and isinstance(b, FlatBuffer) and a.signature == b.signature:
+        return a, b
+    return None
 
 
 def _signature(tensors: list[Tensor]) -> tuple[Any, ...]:
@@ -97,11 +106,15 @@ class Workspace:
         return pool.pop() if pool else _allocate(like)
 
     def copy(self, a: list[Tensor]) -> list[Tensor]:
-        """A buffer holding a copy of a."""
+        """A buffer holding a copy of a (one kernel over flat tensors)."""
         out = self._take(a)
         if out is None:
             return [t.clone() for t in a]
-        torch._foreach_copy_(out, a)
+        pair = flat_pair(out, a)
+        if pair is None:
+            torch._foreach_copy_(out, a)
+        else:
+            pair[0].flat.copy_(pair[1].flat)
         return out
 
     def scaled(self, a: list[Tensor], alpha: float | list[float]) -> list[Tensor]:
@@ -109,16 +122,24 @@ class Workspace:
         out = self._take(a)
         if out is None:
             return list(torch._foreach_mul(a, alpha))
+        pair = flat_pair(out, a)
+        if pair is not None and not isinstance(alpha, list):
+            torch.mul(pair[1].flat, alpha, out=pair[0].flat)
+            return out
         alphas = alpha if isinstance(alpha, list) else [alpha] * len(a)
         for target, source, factor in zip(out, a, alphas, strict=True):
             torch.mul(source, factor, out=target)  # the CPU has no fused foreach kernels
         return out
 
     def add(self, a: list[Tensor], b: list[Tensor], alpha: float) -> list[Tensor]:
-        """A buffer holding a + α b; one pass."""
+        """A buffer holding a + α b; one pass (one kernel over flat tensors)."""
         out = self._take(a)
         if out is None:
             return list(torch._foreach_add(a, b, alpha=alpha))
+        pair, other = flat_pair(out, a), flat_pair(out, b)
+        if pair is not None and other is not None:
+            torch.add(pair[1].flat, other[1].flat, alpha=alpha, out=pair[0].flat)
+            return out
         for target, x, y in zip(out, a, b, strict=True):
             torch.add(x, y, alpha=alpha, out=target)
         return out
