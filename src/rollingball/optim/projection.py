@@ -30,7 +30,7 @@ from rollingball.optim.geometry import (
     squared_norm_device,
     to_host,
 )
-from rollingball.optim.workspace import Workspace, flat_pair
+from rollingball.optim.workspace import Workspace
 
 SOLVERS = ("anderson", "gd")
 
@@ -126,11 +126,8 @@ def _newton_difference(
 
 
 def _form_residual(g: list[Tensor], u: list[Tensor], m: float) -> None:
-    """r = u + m g, written over g (one pass on the CPU; one kernel over flat buffers)."""
-    pair = flat_pair(g, u)
-    if pair is not None:
-        torch.add(pair[1].flat, pair[0].flat, alpha=m, out=pair[0].flat)
-    elif plain_cpu(g):
+    """r = u + m g, written over g (one pass on the CPU)."""
+    if plain_cpu(g):
         for r, x in zip(g, u, strict=True):
             torch.add(x, r, alpha=m, out=r)
     else:

@@ -106,15 +106,11 @@ class Workspace:
         return pool.pop() if pool else _allocate(like)
 
     def copy(self, a: list[Tensor]) -> list[Tensor]:
-        """A buffer holding a copy of a (one kernel over flat tensors)."""
+        """A buffer holding a copy of a."""
         out = self._take(a)
         if out is None:
             return [t.clone() for t in a]
-        pair = flat_pair(out, a)
-        if pair is None:
-            torch._foreach_copy_(out, a)
-        else:
-            pair[0].flat.copy_(pair[1].flat)
+        torch._foreach_copy_(out, a)
         return out
 
     def scaled(self, a: list[Tensor], alpha: float | list[float]) -> list[Tensor]:
