@@ -276,14 +276,12 @@ class _Projection:
 
     def evaluate(self, reductions: Reductions) -> Evaluation:
         self.release_grads()  # the closure may replace the `.grad` tensors
-        gathered: list[list[Tensor]] = []
 
-        def reduce(grads: list[Tensor]) -> list[Tensor]:
-            gathered.append(self._gathered(grads))
-            return reductions(gathered[0])
+        def reduce(grads: list[Tensor]) -> list[Tensor]:  # right after the closure call
+            self.grads = self._gathered(grads)
+            return reductions(self.grads)
 
         evaluated = self.landscape.evaluate(reduce)
-        self.grads = gathered[0]
         mismatch = (evaluated.value - self.start_value) - self.lift
         return Evaluation(mismatch, evaluated.values)
 
