@@ -101,9 +101,10 @@ def _no_reductions(grads: list[Tensor]) -> list[Tensor]:
     return []
 
 
-def _products(g: list[Tensor], u: list[Tensor]) -> list[Tensor]:
-    """Terms of ‖g‖², ⟨g, u⟩ and ‖u‖²."""
-    return [squared_norm_device(g), inner_device(g, u), squared_norm_device(u)]
+def _products(g: list[Tensor], u: list[Tensor], offset_known: bool) -> list[Tensor]:
+    """Terms of ‖g‖², ⟨g, u⟩ and, unless it is known on the host, ‖u‖²."""
+    products = [squared_norm_device(g), inner_device(g, u)]
+    return products if offset_known else [*products, squared_norm_device(u)]
 
 
 def _newton(
@@ -300,14 +301,17 @@ class AndersonProjection:
             step = self._step(workspace, newton, history, products, step_size)
             last = calls + 1 == self.max_steps and fresh  # it decides the blind step
             along = step.along(problem, point, products[0]) if last else ([], [])
+            offset_sq = None  # ‖u‖² at the trial point, when known without a pass
             if lazy is not None:  # the first, plain step: u − γ p = (s − γ(s + c)) g
                 step.move(problem.params)
-                problem.seat_offset(lazy + step.scale * (lazy + point.newton_shift))
+                seated = lazy + step.scale * (lazy + point.newton_shift)
+                problem.seat_offset(seated)
+                offset_sq = seated * seated * point.grad_sq  # ‖u‖² = s²‖g‖², as φ(θ)'s
                 lazy = None
             else:
                 step.move(problem.params, problem.offset)
-            evaluation = problem.evaluate(self._reductions(problem, along[0]))
-            trial = self._point(evaluation)
+            evaluation = problem.evaluate(self._reductions(problem, along[0], offset_sq))
+            trial = self._point(evaluation, offset_sq)
             calls += 1
             if trial.phi > point.phi + problem.phi_noise(trial.mismatch, trial.phi):
                 step.move(problem.params, problem.offset, -1.0)  # rejected: back to x_k
@@ -322,7 +326,7 @@ class AndersonProjection:
                 workspace, newton, problem.offset, problem.grads, trial.newton_shift
             )  # p_k − p_{k+1} in place
             history.append(step.kept(), newton)
-            check = along[1] or evaluation.values[3:]
+            check = along[1] or evaluation.values[3 if offset_sq is None else 2 :]
             previous, point, newton = point, trial, new_newton
             fresh = True
             blind_next = calls == self.max_steps and history.multiples_of_p()
@@ -334,15 +338,21 @@ class AndersonProjection:
         return ProjectionResult(calls, initial, norm, safeguards, blind)
 
     @staticmethod
-    def _reductions(problem: ProjectionProblem, along: list[Tensor]) -> Reductions:
-        """‖g‖², ⟨g, u⟩ and ‖u‖² at the new point (one pass), with the precomputed values
-        `along`."""
-        offset = problem.offset
-        return lambda grads: [*_products(grads, offset), *along]
+    def _reductions(
+        problem: ProjectionProblem, along: list[Tensor], offset_sq: float | None
+    ) -> Reductions:
+        """‖g‖², ⟨g, u⟩ and ‖u‖² (unless `offset_sq` knows it) at the new point, with the
+        device reductions `along`."""
+        offset, known = problem.offset, offset_sq is not None
+        return lambda grads: [*_products(grads, offset, known), *along]
 
     @staticmethod
-    def _point(evaluation: Evaluation) -> _Point:
-        grad_sq, grad_offset, offset_sq = evaluation.values[:3]
+    def _point(evaluation: Evaluation, offset_sq: float | None = None) -> _Point:
+        """The point of an evaluation whose values begin ‖g‖², ⟨g, u⟩, then ‖u‖² unless
+        `offset_sq` gives it."""
+        grad_sq, grad_offset = evaluation.values[:2]
+        if offset_sq is None:
+            offset_sq = evaluation.values[2]
         return _Point(evaluation.mismatch, grad_sq, grad_offset, offset_sq)
 
     @staticmethod
@@ -357,8 +367,9 @@ class AndersonProjection:
         """One synchronisation: ‖p‖², the new Gram row ⟨D_i, D_new⟩ and the right-hand side
         ⟨D_i, p⟩. `fused` holds ‖p‖², and with a history ‖D_new‖² and ⟨D_new, p⟩ from the pass
         that formed them; the older D_i's products come here. Before a blind step that is a
-        combination of p and the D's, also ⟨u, D_i⟩ and ⟨g, D_i⟩ (kept in the history), from
-        which the blind rule's products follow. Returns (‖r‖, [‖p‖², *right-hand side])."""
+        combination of p and the D's, also ⟨g, D_i⟩, and ⟨u, D_i⟩ = ⟨D_i, p⟩ − c⟨g, D_i⟩ from
+        it (p = u + c g; kept in the history), from which the blind rule's products follow.
+        Returns (‖r‖, [‖p‖², *right-hand side])."""
         older = history.d_steps[:-1]
         values = list(fused)
         if older:
@@ -366,14 +377,12 @@ class AndersonProjection:
             values += [inner_device(d, last) for d in older]
             values += [inner_device(d, newton) for d in older]
         if blind_next:
-            values += [inner_device(problem.offset, d) for d in history.d_steps]
             values += [inner_device(problem.grads, d) for d in history.d_steps]
         host = to_host(values)
         if blind_next:
             kept = len(history.d_steps)
-            history.offset_d = host[len(host) - 2 * kept : len(host) - kept]
             history.grad_d = host[len(host) - kept :]
-            host = host[: len(host) - 2 * kept]
+            host = host[: len(host) - kept]
         norm = point.residual_norm(host[0])
         if not math.isfinite(norm):
             raise NonFinite("non-finite projection residual")
@@ -381,7 +390,13 @@ class AndersonProjection:
             return norm, [host[0]]
         size = len(older)
         history.add_gram_row([*host[3 : 3 + size], host[1]])
-        return norm, [host[0], *host[3 + size :], host[2]]
+        newton_d = [*host[3 + size :], host[2]]  # ⟨D_i, p⟩, oldest first
+        if blind_next:  # p = u + c g: ⟨u, D_i⟩ = ⟨D_i, p⟩ − c⟨g, D_i⟩, no pass over u
+            shift = point.newton_shift
+            history.offset_d = [
+                d_p - shift * g_d for d_p, g_d in zip(newton_d, history.grad_d, strict=True)
+            ]
+        return norm, [host[0], *newton_d]
 
     def _step(
         self,
