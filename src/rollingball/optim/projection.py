@@ -416,10 +416,7 @@ class AndersonProjection:
         β p + Σ c_i D_i with its ⟨u, δ⟩, ⟨g, δ⟩ and ‖δ‖² from host numbers (`_History.offset_d`)."""
         if not history.d_steps:
             return _Step(newton, -float(step_size))
-        gram = np.array(history.gram, dtype=np.float64)
-        rhs = -np.array(products[1:], dtype=np.float64)
-        ridge = self.regularization * float(gram.diagonal().max()) + 1e-300
-        alpha = np.linalg.solve(gram + ridge * np.eye(len(rhs)), rhs).tolist()
+        alpha = self._coefficients(history.gram, products[1:])
         on_p = -float(step_size)  # the coefficient of p
         on_d = []  # the coefficient of each D_i, oldest first
         lazy = 0.0  # Σ_{j ≤ i} α_j β_j over the differences kept as multiples of p
@@ -453,6 +450,16 @@ class AndersonProjection:
         if oldest is not None:
             workspace.give(oldest[1])
         return _Step(newton, 1.0, buffer)
+
+    def _coefficients(self, gram: list[list[float]], newton_d: list[float]) -> list[float]:
+        """α = (G + εI)⁻¹(−⟨D, p⟩), G the Gram matrix of the D's, ε = `regularization`·max
+        G_ii; one difference (m = 1) by a division, which is what the 1 × 1 solve does."""
+        ridge = self.regularization * max(row[i] for i, row in enumerate(gram)) + 1e-300
+        if len(gram) == 1:
+            return [-newton_d[0] / (gram[0][0] + ridge)]
+        rhs = -np.array(newton_d, dtype=np.float64)
+        matrix = np.array(gram, dtype=np.float64) + ridge * np.eye(len(rhs))
+        return np.linalg.solve(matrix, rhs).tolist()
 
     @staticmethod
     def _combination(
