@@ -535,6 +535,39 @@ def test_an_offset_left_as_a_multiple_of_the_gradient_gives_the_same_step(monkey
         torch.testing.assert_close(lazy, formed, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize(
+    ("lr", "options"),
+    [(0.5, {}), (0.5, {"projection_steps": 5, "anderson_memory": 2}), (8.0, {})],
+)
+def test_a_first_newton_step_left_as_a_multiple_of_the_offset_gives_the_same_steps(
+    monkeypatch, lr, options
+):
+    """Without momentum p₀ = (s + c) g is not formed: the first move goes along g, u = s' g,
+    and the first difference is p₁ − (s + c)/s' · u. Forming p₀ from g (what float16
+    parameters do) takes the same steps, whether the first trial point is accepted (lr 0.5)
+    or rejected by the safeguard (lr 8: p₀ is then formed from u, to go back)."""
+    from rollingball.optim import projection
+
+    def train(formed: bool) -> tuple[list[torch.Tensor], int]:
+        if formed:
+            monkeypatch.setattr(projection, "WIDE_RANGE", ())
+        model = small_mlp().double()
+        x, y = batch()
+        opt = RBO(model.parameters(), lr=lr, radius=0.3, **options)
+        rejected = 0
+        for _ in range(6):
+            opt.step(make_closure(model, opt, x.double(), y))
+            rejected += opt.last_stats["safeguard_steps"]
+        monkeypatch.undo()
+        return [p.detach().clone() for p in model.parameters()], rejected
+
+    (lazy, lazy_rejected), (formed, formed_rejected) = train(False), train(True)
+    assert lazy_rejected == formed_rejected
+    assert (lazy_rejected >= 6) == (lr == 8.0)
+    for a, b in zip(lazy, formed, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("memory", [1, 2])
 def test_a_blind_step_left_as_a_combination_of_p_and_the_differences_is_the_same_step(
     monkeypatch, memory

@@ -68,6 +68,20 @@ def add_(target: list[Tensor], source: list[Tensor], alpha: float = 1.0) -> None
         pair[0].flat.add_(pair[1].flat, alpha=alpha)
 
 
+def subtract_from_(target: list[Tensor], source: list[Tensor]) -> None:
+    """target ← source − target: one kernel over the flat tensors of two `FlatBuffer`s, one
+    per tensor on the CPU, else two foreach calls."""
+    pair = flat_pair(target, source)
+    if pair is not None:
+        torch.sub(pair[1].flat, pair[0].flat, out=pair[0].flat)
+    elif plain_cpu(target) and plain_cpu(source):
+        for t, x in zip(target, source, strict=True):
+            torch.sub(x, t, out=t)
+    else:
+        torch._foreach_neg_(target)
+        torch._foreach_add_(target, source)
+
+
 def scale_(target: list[Tensor], factor: float) -> None:
     """target *= factor (one kernel over a `FlatBuffer`'s flat tensor)."""
     if isinstance(target, FlatBuffer):

@@ -28,6 +28,7 @@ from rollingball.optim.geometry import (
     plain_cpu,
     scale_,
     squared_norm_device,
+    subtract_from_,
     to_host,
 )
 from rollingball.optim.workspace import Workspace
@@ -97,6 +98,15 @@ class ProjectionResult:
     blind_step: bool = False
 
 
+WIDE_RANGE = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _wide_range(tensors: list[Tensor]) -> bool:
+    """Dtypes with float32's exponent range or more: there s · g does not underflow where
+    p₀ = (s + c) g is normal, so p₀ = (s + c)/s · u with u = s g (float16 keeps p₀ formed)."""
+    return all(t.dtype in WIDE_RANGE for t in tensors)
+
+
 def _no_reductions(grads: list[Tensor]) -> list[Tensor]:
     return []
 
@@ -117,13 +127,24 @@ def _newton(
 
 
 def _newton_difference(
-    workspace: Workspace, q: list[Tensor], u: list[Tensor], g: list[Tensor], c: float
-) -> tuple[list[Tensor], list[Tensor]]:
-    """p = u + c g in a workspace buffer and D = q − p in place of q; terms of ‖p‖², ‖D‖²
-    and ⟨D, p⟩."""
+    workspace: Workspace,
+    q: list[Tensor] | None,
+    u: list[Tensor],
+    g: list[Tensor],
+    c: float,
+    ratio: float,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """p = u + c g in a workspace buffer and the difference D = p − q from the last p, q, in
+    place of q, or, when q is the unformed multiple `ratio` of u (None: p₀ = (s + c₀)/s · u
+    after the first plain step from θ, `AndersonProjection.solve`), D = p − ratio · u in a
+    buffer of its own: one pass either way. Returns p, D and the terms of ‖p‖², ‖D‖² and
+    ⟨D, p⟩."""
     p = workspace.add(u, g, c)
-    add_(q, p, -1.0)
-    return p, [squared_norm_device(p), squared_norm_device(q), inner_device(q, p)]
+    if q is None:
+        q = workspace.add(p, u, -ratio)
+    else:
+        subtract_from_(q, p)
+    return p, q, [squared_norm_device(p), squared_norm_device(q), inner_device(q, p)]
 
 
 def _form_residual(g: list[Tensor], u: list[Tensor], m: float) -> None:
@@ -243,8 +264,8 @@ class AndersonProjection:
     φ is a least-squares problem whose Gauss–Newton matrix is I + g gᵀ, so the fixed-point
     map is G(x) = x − γ p(x), p = (I + g gᵀ)⁻¹ r = u + c g. One such step from θ is exactly
     the gradient step θ − η g (and the exact projection for an affine f). With the last m
-    differences ΔX_j = x_{j+1} − x_j and D_j = p_j − p_{j+1},
-        α = argmin_α ‖p_k + D α‖,   x_{k+1} = x_k − ΔX α − γ (p_k + D α).
+    differences ΔX_j = x_{j+1} − x_j and D_j = p_{j+1} − p_j,
+        α = argmin_α ‖p_k − D α‖,   x_{k+1} = x_k − ΔX α − γ (p_k − D α).
     Safeguard: a trial point with φ(x_{k+1}) > φ(x_k) (beyond round-off) is rejected; the solver
     goes back to x_k, forgets its history and takes the plain step x_k − γ p_k, halving γ each
     time a plain step is rejected. φ never increases over evaluated points: the solver descends
@@ -276,13 +297,15 @@ class AndersonProjection:
         point = self._point(problem.start())
         history = _History()
         lazy = problem.offset_scale
+        newton: list[Tensor] | None  # p at the current point; None: p₀ = ratio · u, unformed
         if lazy is None:
             newton, fused = _newton(workspace, problem.offset, problem.grads, point.newton_shift)
         else:  # u = s g: p = (s + c) g, and ‖p‖² = (s + c)²‖g‖² without a pass
             factor = lazy + point.newton_shift
-            newton = workspace.scaled(problem.grads, factor)
+            newton = None
             fused = torch.tensor([factor * factor * point.grad_sq], dtype=torch.float64)
-        norm, products = self._reduce(problem, point, [fused], history, newton, False)
+        ratio = math.nan  # p₀ = ratio · u after the first move, while `newton` is None
+        norm, products = self._reduce(problem, point, [fused], history, [], False)
         initial = norm
         calls, safeguards, step_size, blind = 0, 0, self.step_size, False
         previous: _Point | None = None  # the point before the last accepted trial
@@ -302,9 +325,13 @@ class AndersonProjection:
             last = calls + 1 == self.max_steps and fresh  # it decides the blind step
             along = step.along(problem, point, products[0]) if last else ([], [])
             offset_sq = None  # ‖u‖² at the trial point, when known without a pass
-            if lazy is not None:  # the first, plain step: u − γ p = (s − γ(s + c)) g
-                step.move(problem.params)
-                seated = lazy + step.scale * (lazy + point.newton_shift)
+            if lazy is not None:  # the first, plain step: x − γ(s + c) g, u = (s − γ(s + c)) g
+                seated = lazy + step.scale * factor
+                ratio = factor / seated if seated != 0 else math.inf
+                if not (math.isfinite(ratio) and _wide_range(problem.params)):
+                    newton = workspace.scaled(problem.grads, factor)  # p₀ ≠ ratio · u
+                    step = _Step(newton, step.scale)
+                torch._foreach_add_(problem.params, problem.grads, alpha=step.scale * factor)
                 problem.seat_offset(seated)
                 offset_sq = seated * seated * point.grad_sq  # ‖u‖² = s²‖g‖², as φ(θ)'s
                 lazy = None
@@ -314,6 +341,9 @@ class AndersonProjection:
             trial = self._point(evaluation, offset_sq)
             calls += 1
             if trial.phi > point.phi + problem.phi_noise(trial.mismatch, trial.phi):
+                if newton is None:  # the plain step from θ, to be undone: form p₀ = ratio · u
+                    newton = workspace.scaled(problem.offset, ratio)
+                    step = _Step(newton, step.scale)
                 step.move(problem.params, problem.offset, -1.0)  # rejected: back to x_k
                 step.release(workspace)
                 history.clear(workspace)
@@ -322,10 +352,10 @@ class AndersonProjection:
                     step_size /= 2
                 previous, products, fresh = None, products[:1], False
                 continue
-            new_newton, fused_products = _newton_difference(  # newton becomes D_k =
-                workspace, newton, problem.offset, problem.grads, trial.newton_shift
-            )  # p_k − p_{k+1} in place
-            history.append(step.kept(), newton)
+            new_newton, difference, fused_products = _newton_difference(  # D_k = p_{k+1} − p_k
+                workspace, newton, problem.offset, problem.grads, trial.newton_shift, ratio
+            )  # in place of p_k
+            history.append(step.kept(), difference)
             check = along[1] or evaluation.values[3 if offset_sq is None else 2 :]
             previous, point, newton = point, trial, new_newton
             fresh = True
@@ -333,7 +363,8 @@ class AndersonProjection:
             norm, products = self._reduce(
                 problem, point, fused_products, history, new_newton, blind_next
             )
-        workspace.give(newton)
+        if newton is not None:
+            workspace.give(newton)
         history.clear(workspace)
         return ProjectionResult(calls, initial, norm, safeguards, blind)
 
@@ -401,21 +432,22 @@ class AndersonProjection:
     def _step(
         self,
         workspace: Workspace,
-        newton: list[Tensor],
+        newton: list[Tensor] | None,
         history: _History,
         products: list[float],
         step_size: float,
         blind_at: _Point | None = None,
     ) -> _Step:
-        """δ = −ΔX α − γ (p + D α), α from the regularised normal equations of ‖p + D α‖.
+        """δ = −ΔX α − γ (p − D α), α from the regularised normal equations of ‖p − D α‖.
 
-        A difference kept as a multiple of its p, ΔX_j = β_j p_j = β_j (p + Σ_{i≥j} D_i),
+        A difference kept as a multiple of its p, ΔX_j = β_j p_j = β_j (p − Σ_{i≥j} D_i),
         contributes through p and the D's; δ is kept as the multiple β p while its D terms
         cancel (the plain step −γ p, and the accelerated step after it, −γ(1 − α) p). The blind
         step from `blind_at`, when every ΔX is such a multiple, is kept as the combination
         β p + Σ c_i D_i with its ⟨u, δ⟩, ⟨g, δ⟩ and ‖δ‖² from host numbers (`_History.offset_d`)."""
-        if not history.d_steps:
+        if not history.d_steps:  # the plain step (from θ, p₀ may be unformed: newton None)
             return _Step(newton, -float(step_size))
+        assert newton is not None  # a difference was formed from it
         alpha = self._coefficients(history.gram, products[1:])
         on_p = -float(step_size)  # the coefficient of p
         on_d = []  # the coefficient of each D_i, oldest first
@@ -423,7 +455,7 @@ class AndersonProjection:
         for a, dx in zip(alpha, history.x_steps, strict=True):
             if isinstance(dx, float):
                 lazy += a * dx
-            on_d.append(-step_size * a - lazy)
+            on_d.append(step_size * a + lazy)
         on_p -= lazy
         kept = [
             (a, dx) for a, dx in zip(alpha, history.x_steps, strict=True) if isinstance(dx, list)
@@ -452,12 +484,12 @@ class AndersonProjection:
         return _Step(newton, 1.0, buffer)
 
     def _coefficients(self, gram: list[list[float]], newton_d: list[float]) -> list[float]:
-        """α = (G + εI)⁻¹(−⟨D, p⟩), G the Gram matrix of the D's, ε = `regularization`·max
+        """α = (G + εI)⁻¹⟨D, p⟩, G the Gram matrix of the D's, ε = `regularization`·max
         G_ii; one difference (m = 1) by a division, which is what the 1 × 1 solve does."""
         ridge = self.regularization * max(row[i] for i, row in enumerate(gram)) + 1e-300
         if len(gram) == 1:
-            return [-newton_d[0] / (gram[0][0] + ridge)]
-        rhs = -np.array(newton_d, dtype=np.float64)
+            return [newton_d[0] / (gram[0][0] + ridge)]
+        rhs = np.array(newton_d, dtype=np.float64)
         matrix = np.array(gram, dtype=np.float64) + ridge * np.eye(len(rhs))
         return np.linalg.solve(matrix, rhs).tolist()
 
@@ -522,9 +554,10 @@ class AndersonProjection:
 class _Step:
     """A step δ: `scale` times the current p plus Σ c_i D_i over `terms` (`buffer` None: no
     pass to form it), or the parameter-sized `buffer` (scale 1). `known` holds ⟨u, δ⟩, ⟨g, δ⟩
-    and ‖δ‖² when they were found on the host."""
+    and ‖δ‖² when they were found on the host. `newton` is None for the plain step from θ
+    while p₀ is not formed (`AndersonProjection.solve` moves along g then)."""
 
-    newton: list[Tensor]
+    newton: list[Tensor] | None
     scale: float
     buffer: list[Tensor] | None = None
     terms: list[tuple[float, list[Tensor]]] = field(default_factory=list)
@@ -535,6 +568,7 @@ class _Step:
         x alone: it is only ever the blind step, after which u is not needed."""
         assert u is None or not self.terms
         vector, scale = (self.newton, self.scale) if self.buffer is None else (self.buffer, 1.0)
+        assert vector is not None, "p₀ is formed before the step from θ moves as a vector"
         if u is None:
             torch._foreach_add_(x, vector, alpha=alpha * scale)
         else:
