@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rollingball import RBO
+from rollingball.optim import projection
 from rollingball.optim import rbo as rbo_module
 from rollingball.optim.geometry import (
     add_,
@@ -124,6 +125,43 @@ def test_a_gathered_gradient_leaves_one_reduction_per_tensor(monkeypatch):
     monkeypatch.setattr(rbo_module, "GATHER_BELOW", 0)
     few_apart, many_apart = _dots_per_default_step(2), _dots_per_default_step(40)
     assert (many_apart - few_apart) / (80 - 4) > 4
+
+
+def test_a_blind_step_that_the_model_test_refuses_costs_no_reduction(monkeypatch):
+    """The blind rule's first test (was the Gauss–Newton model right about the last step?)
+    needs host numbers only, so it is taken before the last synchronisation: where it refuses,
+    the default step does not reduce ⟨g, D⟩ for the rule. Per step on 8 gathered tensors: ‖g‖²
+    at θ per tensor, then 5 reductions at the first trial point and 6 at the second, one flat
+    `vdot` each, and ⟨g, D⟩ only where the test holds."""
+    decided: list[bool] = []
+    last_prediction = projection.AndersonProjection._last_prediction
+
+    def spy(self, *args):
+        error = last_prediction(self, *args)
+        decided.append(error is not None)
+        return error
+
+    monkeypatch.setattr(projection.AndersonProjection, "_last_prediction", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
+    x, y = torch.randn(16, 8), torch.randn(16, 8)
+    opt = RBO(model.parameters(), lr=0.1, radius=0.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    held = []
+    for _ in range(6):
+        decided.clear()
+        with _DotCounter() as counter:
+            opt.step(closure)
+        assert opt.last_stats["grad_evals"] == 3 and len(set(decided)) == 1
+        held.append(decided[0])
+        assert counter.dots == 8 + 11 + decided[0]
+    assert set(held) == {False, True}
 
 
 @pytest.mark.parametrize("memory", [1, 2])

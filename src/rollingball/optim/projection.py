@@ -314,9 +314,12 @@ class AndersonProjection:
         while norm > self.tol * initial:
             accelerated = bool(history.x_steps)  # before the step drops the oldest difference
             if calls == self.max_steps:  # a blind step needs an accepted last trial point
-                if previous is not None and check:
+                model_error = self._last_prediction(problem, previous, point, check)
+                if model_error is not None:  # no pass is spent on a step refused already
                     step = self._step(workspace, newton, history, products, step_size, point)
-                    blind = self._blind_is_safe(problem, previous, point, check, step, products[0])
+                    blind = self._blind_is_safe(
+                        problem, point, check, step, products[0], model_error
+                    )
                     if blind:  # u is not needed after the last move
                         step.move(problem.params)
                     step.release(workspace)
@@ -359,7 +362,11 @@ class AndersonProjection:
             check = along[1] or evaluation.values[3 if offset_sq is None else 2 :]
             previous, point, newton = point, trial, new_newton
             fresh = True
-            blind_next = calls == self.max_steps and history.multiples_of_p()
+            blind_next = (  # the blind rule will want ⟨g, D_i⟩ (rule 1 holds)
+                calls == self.max_steps
+                and history.multiples_of_p()
+                and self._last_prediction(problem, previous, point, check) is not None
+            )
             norm, products = self._reduce(
                 problem, point, fused_products, history, new_newton, blind_next
             )
@@ -517,36 +524,44 @@ class AndersonProjection:
         terms = [(k, d) for k, d in zip(on_d, history.d_steps, strict=True) if k != 0]
         return _Step(newton, on_p, terms=terms, known=(offset_step, grad_step, max(step_sq, 0.0)))
 
+    def _last_prediction(
+        self, problem: ProjectionProblem, before: _Point | None, point: _Point, check: list[float]
+    ) -> float | None:
+        """Rule (1) of the blind step, from host numbers alone: on the last step, from x_{k−1}
+        to x_k, the Gauss–Newton model predicted φ̂ = ½‖u_k‖² + ½(m_{k−1} + ⟨g_{k−1}, δ_last⟩)²;
+        the model's error |φ(x_k) − φ̂| when it is within `trust`·(φ(x_{k−1}) − φ̂), else None
+        (no blind step, and no pass spent on one; None too without an accepted last step)."""
+        if before is None or not check:
+            return None
+        linear, _ = check
+        predicted = 0.5 * point.offset_sq + 0.5 * (before.mismatch + linear) ** 2
+        decrease = before.phi - predicted
+        error = abs(point.phi - predicted)
+        noise = problem.phi_noise(point.mismatch, point.phi)
+        return error if decrease > noise and error <= self.trust * decrease else None
+
     def _blind_is_safe(
         self,
         problem: ProjectionProblem,
-        before: _Point,
         point: _Point,
         check: list[float],
         step: _Step,
         newton_sq: float,
+        model_error: float,
     ) -> bool:
-        """Trust the Gauss–Newton model for one more, unevaluated step (see the class doc).
-
-        On the last step, from x_{k−1} to x_k, the model predicted
-        φ̂ = ½‖u_k‖² + ½(m_{k−1} + ⟨g_{k−1}, δ_last⟩)²; at x_k it predicts for the blind step
-        φ_GN = ½‖u + δ‖² + ½(m + ⟨g, δ⟩)². For δ = β p + Σ c_i D_i its products come from host
-        numbers (`_Step.products`); a formed δ costs one host synchronisation.
+        """Rules (2) and (3) of the blind step (see the class doc), after rule (1) gave the
+        model's error on the last step (`_last_prediction`). At x_k the model predicts for the
+        blind step φ_GN = ½‖u + δ‖² + ½(m + ⟨g, δ⟩)². For δ = β p + Σ c_i D_i its products come
+        from host numbers (`_Step.products`); a formed δ costs one host synchronisation.
         """
-        linear, last_sq = check
-        predicted = 0.5 * point.offset_sq + 0.5 * (before.mismatch + linear) ** 2
-        decrease = before.phi - predicted
-        if not decrease > problem.phi_noise(point.mismatch, point.phi):
-            return False
-        if abs(point.phi - predicted) > self.trust * decrease:
-            return False
+        last_sq = check[1]
         offset_step, grad_step, step_sq = step.products(problem, point, newton_sq)
         if step_sq > (self.contraction**2) * last_sq:
             return False
         model = 0.5 * (point.offset_sq + 2 * offset_step + step_sq)
         model += 0.5 * (point.mismatch + grad_step) ** 2
         # the model's error on the last step, scaled by the step length, with a margin of 2
-        error = 2 * abs(point.phi - predicted) * math.sqrt(step_sq / last_sq)
+        error = 2 * model_error * math.sqrt(step_sq / last_sq)
         return model + error < point.phi
 
 
