@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from rollingball import RBO
+from rollingball.optim import projection
 from rollingball.optim import rbo as rbo_module
 from rollingball.optim.memory import peak_step_memory
 
@@ -62,10 +63,17 @@ def gathered(request, monkeypatch):
 
 
 @pytest.mark.parametrize("m", [1, 2, 5])
-def test_anderson_memory_is_2m_plus_3_buffers(m, gathered):
+def test_anderson_memory_is_2m_plus_3_buffers(m, gathered, monkeypatch):
     """Snapshot, offset, p_k and p_{k+1}, the step in flight and m − 1 kept differences of
     each kind, at the peak; the first gradient is not held once the next call replaces it.
-    A gathered gradient is one more buffer."""
+    A gathered gradient is one more buffer. At m = 5 the peak is a blind step formed after the
+    last trial point, which the blind rule builds only when its first test passes: that test
+    is made to pass wherever a blind step is possible, so that the peak is reached."""
+
+    def model_test_passes(self, problem, before, point, check):
+        return None if before is None or not check else 0.0
+
+    monkeypatch.setattr(projection.AndersonProjection, "_last_prediction", model_test_passes)
     memory = measure(projection_tol=0.0, anderson_memory=m)
     assert memory.step_buffers == pytest.approx(2 * m + 3 + gathered, abs=SCALARS)
 
