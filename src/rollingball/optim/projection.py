@@ -102,8 +102,9 @@ WIDE_RANGE = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _wide_range(tensors: list[Tensor]) -> bool:
-    """Dtypes with float32's exponent range or more: there s · g does not underflow where
-    p₀ = (s + c) g is normal, so p₀ = (s + c)/s · u with u = s g (float16 keeps p₀ formed)."""
+    """Dtypes with float32's exponent range or more, where u = s' g after the first move does
+    not underflow while p₀ = (s + c) g is normal, so that p₀ = (s + c)/s' · u (float16
+    parameters keep p₀ formed)."""
     return all(t.dtype in WIDE_RANGE for t in tensors)
 
 
@@ -135,7 +136,7 @@ def _newton_difference(
     ratio: float,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """p = u + c g in a workspace buffer and the difference D = p − q from the last p, q, in
-    place of q, or, when q is the unformed multiple `ratio` of u (None: p₀ = (s + c₀)/s · u
+    place of q, or, when q is the unformed multiple `ratio` of u (None: p₀ = (s + c₀)/s' · u
     after the first plain step from θ, `AndersonProjection.solve`), D = p − ratio · u in a
     buffer of its own: one pass either way. Returns p, D and the terms of ‖p‖², ‖D‖² and
     ⟨D, p⟩."""
