@@ -3,6 +3,8 @@ equal the per-tensor ones and cost a few kernels whatever the number of paramete
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -87,7 +89,8 @@ class _DotCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _dots_per_default_step(layers: int) -> int:
+def _default_rbo_on_layers(layers: int) -> tuple[RBO, Callable[[], torch.Tensor]]:
+    """RBO's defaults (lr 0.1, ρ 0.5) on `layers` 8 × 8 linear layers, and its closure."""
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)])
     x, y = torch.randn(16, 8), torch.randn(16, 8)
@@ -99,6 +102,11 @@ def _dots_per_default_step(layers: int) -> int:
         loss.backward()
         return loss
 
+    return opt, closure
+
+
+def _dots_per_default_step(layers: int) -> int:
+    opt, closure = _default_rbo_on_layers(layers)
     opt.step(closure)
     with _DotCounter() as counter:
         opt.step(closure)
@@ -142,17 +150,7 @@ def test_a_blind_step_that_the_model_test_refuses_costs_no_reduction(monkeypatch
         return error
 
     monkeypatch.setattr(projection.AndersonProjection, "_last_prediction", spy)
-    torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)])
-    x, y = torch.randn(16, 8), torch.randn(16, 8)
-    opt = RBO(model.parameters(), lr=0.1, radius=0.5)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
+    opt, closure = _default_rbo_on_layers(4)
     held = []
     for _ in range(6):
         decided.clear()
