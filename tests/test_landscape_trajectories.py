@@ -102,3 +102,29 @@ def test_sam_counts_two_closure_calls_per_step():
 def test_refuses_negative_steps():
     with pytest.raises(ValueError, match="steps"):
         trajectory(lambda t: t.sum(), START, lambda p: torch.optim.SGD(p, lr=0.1), -1)
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_centres_sit_on_the_landscape_rbo_rolls_on(maximize):
+    # RBO rolls on f = κ(σ ℓ + λ/2 ‖θ‖²), σ = −1 when maximising: the centre is
+    # c = (θ − ρ ∇f/s, f + ρ/s), s = √(1 + ‖∇f‖²), computed here by hand from ℓ's gradient
+    fn = get_function("wrinkled_quadratic", 2)
+    decay, scale, radius = 0.3, 2.0, 0.4
+    run = trajectory(
+        fn,
+        START,
+        lambda p: RBO(
+            p, lr=0.01, radius=radius, weight_decay=decay, loss_scale=scale, maximize=maximize
+        ),
+        steps=3,
+    )
+    assert run.centres is not None
+    sign = -1.0 if maximize else 1.0
+    for theta, centre in zip(run.params, run.centres, strict=True):
+        point = theta.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(fn(point), point)
+        f = scale * (sign * float(fn(theta)) + decay / 2 * float(theta @ theta))
+        slope = scale * (sign * grad + decay * theta)
+        s = math.sqrt(1 + float(slope @ slope))
+        torch.testing.assert_close(centre[:2], theta - radius / s * slope, rtol=1e-14, atol=1e-14)
+        assert float(centre[2]) == pytest.approx(f + radius / s, rel=1e-14)

@@ -4,7 +4,8 @@
 SAM, ...) on a function of one parameter vector and records, for k = 0..steps: the
 parameters θ_k, the loss f(θ_k), the closure calls spent so far and, for RBO, the ball
 centre c_k = (θ_k − ρ g/s, f(θ_k) + ρ/s), s = √(1 + ‖g‖²), g = ∇f(θ_k), on the landscape
-RBO rolls on: κ(f + λ/2 ‖θ‖²) with its loss scale κ and weight decay λ.
+RBO rolls on: κ(±f + λ/2 ‖θ‖²) with its loss scale κ, weight decay λ and the sign of
+`maximize` (`rollingball.landscape_definition`).
 The loss and gradient used for the record are evaluated outside the optimizer's closure and
 are not counted as its cost.
 """
@@ -18,6 +19,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from rollingball.landscape_definition import height, slope
 from rollingball.optim.geometry import ball_centre
 from rollingball.optim.rbo import RBO
 
@@ -94,11 +96,11 @@ def trajectory(
         counts.append(calls)
         if isinstance(optimizer, RBO):
             group = optimizer.param_groups[0]
-            decay, scale = group["weight_decay"], group["loss_scale"]
-            height = scale * (float(value) + decay / 2 * float(theta.detach().square().sum()))
-            slope = scale * (grad + decay * theta.detach())
-            centre, height = ball_centre([theta.detach()], [slope], height, group["radius"])
-            centres.append(torch.cat([centre[0].reshape(-1), theta.new_tensor([height])]))
+            shape = {k: group[k] for k in ("weight_decay", "loss_scale", "maximize")}
+            point = theta.detach()
+            f = height(float(value), float(point.square().sum()), **shape)
+            centre, top = ball_centre([point], [slope(grad, point, **shape)], f, group["radius"])
+            centres.append(torch.cat([centre[0].reshape(-1), theta.new_tensor([top])]))
         if k < steps:
             if grad_before_step:
                 closure()
