@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rollingball.cli import HelpFormatter, comma_separated_floats
+from rollingball.arguments import HelpFormatter, comma_separated_floats
 
 __all__ = ["add_parser"]
 
