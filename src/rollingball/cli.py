@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "rollingball.experiments.landscape_cli",
     "rollingball.experiments.cli",
     "rollingball.experiments.claims",
+    "rollingball.experiments.frontier",
 )
 
 

@@ -91,7 +91,7 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     p.add_argument(
         "--hparams",
-        help="TOML of per-optimizer hyperparameters, e.g. experiments/fair/compare_digits.toml",
+        help="TOML of per-optimizer hyperparameters (e.g. experiments/fair/*.toml)",
     )
     p.set_defaults(func=_cmd_compare)
 

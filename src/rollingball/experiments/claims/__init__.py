@@ -4,11 +4,11 @@
     python -m rollingball.experiments.claims NAME [--out DIR] [--tiny]
 
 Each experiment writes NAME-specific ``.png`` and ``.json`` files into ``--out`` (default
-``docs/figures/claims``) and prints its table; ``all`` runs every experiment, in ``--jobs``
-worker processes (default 2, one per core of the 2-core budget; ``--jobs 1`` runs them in
-turn in this process). ``--tiny`` shrinks every experiment to a smoke test of a few seconds.
-Each report's header gives the experiment's wall time and CPU time (the wall time on an idle
-core: every run uses one thread).
+``runs/claims``; ``--out docs/figures/claims`` regenerates the ledger's figures in a clone) and
+prints its table; ``all`` runs every experiment, in ``--jobs`` worker processes (default 2, one
+per core of the 2-core budget; ``--jobs 1`` runs them in turn in this process). ``--tiny``
+shrinks every experiment to a smoke test of a few seconds. Each report's header gives the
+experiment's wall time and CPU time (the wall time on an idle core: every run uses one thread).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def run_many(names: tuple[str, ...], out: Path, tiny: bool = False, jobs: int = 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=[*EXPERIMENTS, "all"], help="the experiment to run")
-    parser.add_argument("--out", default="docs/figures/claims", help="directory for PNG + JSON")
+    parser.add_argument("--out", default="runs/claims", help="directory for PNG + JSON")
     parser.add_argument("--tiny", action="store_true", help="smoke-test size (seconds)")
     parser.add_argument(
         "--jobs",
