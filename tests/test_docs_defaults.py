@@ -251,3 +251,18 @@ def test_the_readme_states_the_python_that_pyproject_requires():
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     stated = set(re.findall(r"Python (3\.\d+) or later", (ROOT / "README.md").read_text()))
     assert stated == {requires.removeprefix(">=")}
+
+
+def test_rbo_has_rbos_defaults_as_the_documents_say():
+    """README.md and docs/jax.md: `rbo(...)  # other arguments and defaults as RBO's`."""
+    for path in (ROOT / "README.md", ROOT / "docs" / "jax.md"):
+        assert "defaults as RBO's" in path.read_text(), path
+    pytest.importorskip("jax")
+    both = {
+        name: dict(table)
+        for name, table in _signatures().items()
+        if {"RBO", "optax.rbo"} <= {owner for owner, _ in table}
+    }
+    assert {"lr", "radius", "projection", "projection_steps", "anderson_memory"} <= set(both)
+    for name, defaults in both.items():
+        assert defaults["RBO"] == defaults["optax.rbo"], name
