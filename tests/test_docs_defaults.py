@@ -3,7 +3,7 @@
 The documents state a default in one of these forms, which this test reads:
 
 - `` `name` (default VALUE) ``                    memory m = `anderson_memory` (default 1)
-- `` `name=VALUE` (default) ``                    `projection="anderson"` (default)
+- `` `name=VALUE` (default) `` or ``, the default``  `projection="anderson"` (default)
 - default(s), then `` `name=VALUE` `` items      the defaults `projection_steps=2`, ...
 - `` `name`, on by default `` (or off)            `fixed_randomness`, on by default
 - default(s) (SYMBOL = VALUE, ...)                 RBO defaults (K = 2, m = 1)
@@ -15,7 +15,10 @@ with the symbols of docs/algorithm.md: K (`projection_steps`), m or memory
 (`anderson_memory`), tol (`projection_tol`), γ (`projection_step_size`), "N trial points"
 (`projection_steps=N`), "Anderson" (`projection="anderson"`). Each name is looked up in the
 signatures of `rollingball.RBO`, `rollingball.optax.rbo` and the landscape's sharpness
-functions; a stated value must equal the default of every one that has the name.
+functions, and an option `--flag` in the `rollingball` sub-command named before it in its
+paragraph (in every sub-command that has it, if none is named); a stated value must equal the
+default of every one that has the name. Someone else's defaults ("the authors' defaults",
+"Lightning's", "the former default") are not read as the code's.
 """
 
 from __future__ import annotations
