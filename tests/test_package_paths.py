@@ -67,5 +67,5 @@ def test_frontier_is_a_rollingball_sub_command():
 
 @pytest.mark.parametrize("command", ["claims", "frontier"])
 def test_outputs_go_under_runs_by_default(command):
-    argv = [command, "h1"] if command == "claims" else [command]
+    argv = [command, "usam"] if command == "claims" else [command]
     assert str(build_parser().parse_args(argv).out).startswith("runs/")

@@ -26,10 +26,10 @@ def _experiments() -> dict[str, Callable[[Path, bool], str]]:
     from rollingball.experiments.claims import laws_runs, paper_runs
 
     return {
-        "h1": laws_runs.h1,
-        "h2": laws_runs.h2,
-        "h3": laws_runs.h3,
-        "h4": laws_runs.h4,
+        "usam": laws_runs.usam,
+        "edge_of_stability": laws_runs.edge_of_stability,
+        "hidden_learning_rate": laws_runs.hidden_learning_rate,
+        "large_learning_rates": laws_runs.large_learning_rates,
         "ironing": paper_runs.ironing,
         "sharp_flat": paper_runs.sharp_flat,
         "training": paper_runs.training,
@@ -37,9 +37,27 @@ def _experiments() -> dict[str, Callable[[Path, bool], str]]:
     }
 
 
-EXPERIMENTS = ("h1", "h2", "h3", "h4", "ironing", "sharp_flat", "training", "regimes")
+EXPERIMENTS = (
+    "usam",
+    "edge_of_stability",
+    "hidden_learning_rate",
+    "large_learning_rates",
+    "ironing",
+    "sharp_flat",
+    "training",
+    "regimes",
+)
 # Longest first (measured CPU times), so that two worker processes finish close together.
-LONGEST_FIRST = ("h2", "h3", "h4", "sharp_flat", "training", "regimes", "ironing", "h1")
+LONGEST_FIRST = (
+    "edge_of_stability",
+    "hidden_learning_rate",
+    "large_learning_rates",
+    "sharp_flat",
+    "training",
+    "regimes",
+    "ironing",
+    "usam",
+)
 
 
 def _one(name: str, out: Path, tiny: bool) -> tuple[str, str, float, float]:
