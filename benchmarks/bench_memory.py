@@ -10,7 +10,7 @@ Two measurements, side by side for each optimizer:
   extra memory, temporaries included: on the CPU RBO keeps its step's buffers for the next
   step (its workspace), resident during both measurements, so they are added.
 - tracker: every tensor `step` allocates outside the closure, counted by
-  `rollingball.optim.memory.peak_step_memory` (MLP 784-1024-1024-10).
+  `rollingball.diagnostics.memory.peak_step_memory` (MLP 784-1024-1024-10).
 With --device cuda the peak is CUDA's max allocated memory instead of peak RSS.
 """
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from rollingball import RBO
-from rollingball.optim.memory import peak_step_memory, storage_bytes, workspace_tensors
+from rollingball.diagnostics.memory import peak_step_memory, storage_bytes, workspace_tensors
 
 OPTIMIZERS = {
     "Adam": lambda p: torch.optim.Adam(p, lr=1e-3),

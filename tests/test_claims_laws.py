@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from rollingball import RBO
+from rollingball.baselines import USAM
 from rollingball.experiments.claims.laws import (
     first_order_step,
     quadratic_step,
@@ -17,7 +18,6 @@ from rollingball.experiments.claims.laws import (
     truncated_rate,
     usam_stability_threshold,
 )
-from rollingball.optim import USAM
 
 CONVERGED = {
     "projection": "anderson",

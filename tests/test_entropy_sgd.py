@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rollingball.optim.entropy_sgd import EntropySGD
+from rollingball.baselines.entropy_sgd import EntropySGD
 
 
 def _quadratic(n=4, seed=0):

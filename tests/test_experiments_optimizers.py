@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from rollingball import RBO
+from rollingball.baselines.entropy_sgd import EntropySGD
 from rollingball.experiments.optimizers import (
     OPTIMIZERS,
     CountingClosure,
@@ -12,7 +13,6 @@ from rollingball.experiments.optimizers import (
     optimizer_defaults,
 )
 from rollingball.experiments.runner import train_step
-from rollingball.optim.entropy_sgd import EntropySGD
 
 
 def _problem():

@@ -11,6 +11,7 @@ import inspect
 import math
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import jax
@@ -399,7 +400,6 @@ def test_flax_nnx_example_trains():
 
 
 def test_the_jax_extra_does_not_bring_torch():
-    tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     names = [*project["dependencies"], *project["optional-dependencies"]["jax"]]
     assert not [name for name in names if name.lower().startswith("torch")]

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from rollingball import RBO
+from rollingball.diagnostics.memory import peak_step_memory
 from rollingball.optim import projection
 from rollingball.optim import rbo as rbo_module
-from rollingball.optim.memory import peak_step_memory
 
 SCALARS = 0.2  # the step's small results (per-tensor norms, inner products), in parameter sizes
 

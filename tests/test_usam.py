@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+from rollingball.baselines import USAM
 from rollingball.experiments.optimizers import CountingClosure, build_optimizer
-from rollingball.optim import USAM
 
 
 def _quadratic(dtype=torch.float64):

@@ -6,37 +6,17 @@ import argparse
 import importlib
 import sys
 
+from rollingball.arguments import one_line
+
 # Each module defines `add_parser(subparsers)` for its sub-commands; imported when the command
 # line is parsed, so that `import rollingball` needs neither matplotlib nor the datasets.
 COMMAND_MODULES = (
     "rollingball.landscape.cli",
+    "rollingball.experiments.landscape_cli",
     "rollingball.experiments.cli",
     "rollingball.experiments.claims",
+    "rollingball.experiments.frontier",
 )
-
-
-def comma_separated_floats(text: str) -> list[float]:
-    """argparse type for "0.01,0.1,1"."""
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each option's default, except where there is none (None, False)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (torch's messages span several)."""
-    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """RBO's default projection settings, one place for the torch optimizer and the optax
 transformation (importable without torch or jax).
 
-Chosen by the cost frontier in docs/results.md (`python -m rollingball.experiments.frontier`):
+Chosen by the cost frontier in docs/results.md (`rollingball frontier`):
 the cheapest projection whose test accuracy stays within the seed noise of the converged
 projection on MNIST-1D and digits. Two trial points and the blind last step: at most 3 closure
 calls per step; memory 1 keeps a step's peak at 5 parameter copies at most (4 measured by

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rollingball.cli import HelpFormatter, comma_separated_floats
+from rollingball.arguments import HelpFormatter, comma_separated_floats
 
 __all__ = ["add_parser"]
 
@@ -91,7 +91,7 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     p.add_argument(
         "--hparams",
-        help="TOML of per-optimizer hyperparameters, e.g. experiments/fair/compare_digits.toml",
+        help="TOML of per-optimizer hyperparameters (e.g. experiments/fair/*.toml)",
     )
     p.set_defaults(func=_cmd_compare)
 

@@ -37,11 +37,10 @@ from __future__ import annotations
 
 import math
 import os
+import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from rollingball.experiments.atomic import atomic_write_text
 from rollingball.experiments.data import DATASETS, DataBundle, load_data

@@ -1,10 +1,11 @@
 """The cost frontier of RBO's projection: test accuracy against closure calls per step.
 
-    python -m rollingball.experiments.frontier [--out runs/frontier] [--epochs 10] [--seeds 3]
+    rollingball frontier [--out runs/frontier] [--epochs 10] [--seeds 3] [--jobs 2]
 
 On MNIST-1D and digits (compare's MLP with GELU, batch 100, cosine schedule, compare's
-learning rates), RBO at ρ ∈ {0.1, 0.3, 1} with the projection budgets K ∈ {1, 2, 3, 5} (at
-tolerance 1e-4, so the budget decides) and the tolerances {1e-1, 1e-2} (at K = 20), each with
+learning rates, digits' from the package's ``hparams/compare_digits.toml``), RBO at
+ρ ∈ {0.1, 0.3, 1} with the projection budgets K ∈ {1, 2, 3, 5} (at tolerance 1e-4, so the
+budget decides) and the tolerances {1e-1, 1e-2} (at K = 20), each with
 Anderson memory 1, and the converged projection (K = 20, tol = 1e-4, memory 5: the former
 default); SGD, momentum, SAM and USAM as baselines, all at equal epochs. Writes
 ``frontier.csv`` (one row per run), ``frontier.md`` (mean ± std over seeds) and
@@ -17,9 +18,9 @@ import argparse
 import csv
 import statistics
 import time
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,8 @@ from rollingball.experiments.config import (
 )
 from rollingball.experiments.runner import read_metrics, run
 
-TASKS = {"mnist1d": None, "digits": "experiments/fair/compare_digits.toml"}
+# each task's hyperparameters: compare's own (None), or a TOML shipped in the package's hparams/
+TASKS = {"mnist1d": None, "digits": "compare_digits.toml"}
 RADII = (0.1, 0.3, 1.0)
 BASELINES = ("sgd", "momentum", "sam", "usam")
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -73,10 +75,12 @@ class Cell:
 
 
 def _hparams(task: str) -> tuple[dict[str, dict[str, Any]], dict[float, float]]:
-    path = TASKS[task]
-    if path is None:
+    name = TASKS[task]
+    if name is None:
         return COMPARE_HPARAMS, dict(RBO_LR_BY_RADIUS)
-    hparams, by_radius = load_hparams(path)
+    packaged = resources.files("rollingball.experiments") / "hparams" / name
+    with resources.as_file(packaged) as path:
+        hparams, by_radius = load_hparams(path)
     return hparams, by_radius or {}
 
 
@@ -226,15 +230,24 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``frontier`` to the ``rollingball`` command."""
+    from rollingball.arguments import HelpFormatter
+
+    parser = subparsers.add_parser(
+        "frontier",
+        help="the cost frontier of RBO's projection: accuracy against closure calls per step",
+        description=__doc__,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--out", default="runs/frontier")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=2)
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", default="runs/frontier", help="output directory")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per run")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
+    parser.set_defaults(func=_cmd_frontier)
+
+
+def _cmd_frontier(args: argparse.Namespace) -> int:
     out = Path(args.out)
     started = time.perf_counter()
     rows = measure(out, args.epochs, args.seeds, args.jobs)
@@ -248,7 +261,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     plot(summary, out / "frontier.png")
     print(table)
     print(f"{len(rows)} runs, {args.epochs} epochs each, {time.perf_counter() - started:.0f} s")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

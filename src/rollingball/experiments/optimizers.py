@@ -8,8 +8,8 @@ gradient evaluations the same way for all of them (:class:`CountingClosure`):
 - ``momentum``: ``torch.optim.SGD`` with momentum 0.9 (``nesterov = true`` for Nesterov); 1.
 - ``adamw``: ``torch.optim.AdamW`` (weight decay 0.01); 1.
 - ``sam``: ``pytorch_optimizer.SAM`` over momentum SGD, rho 0.05; 2.
-- ``usam``: :class:`rollingball.optim.usam.USAM`, θ ← θ − lr ∇f(θ + rho ∇f(θ)); 2.
-- ``entropy_sgd``: :class:`rollingball.optim.entropy_sgd.EntropySGD`; L (``langevin_steps``).
+- ``usam``: :class:`rollingball.baselines.usam.USAM`, θ ← θ − lr ∇f(θ + rho ∇f(θ)); 2.
+- ``entropy_sgd``: :class:`rollingball.baselines.entropy_sgd.EntropySGD`; L (``langevin_steps``).
 - ``rbo``: :class:`rollingball.RBO`; 1 + projection iterations.
 """
 
@@ -79,7 +79,7 @@ def _adamw(params: Iterable[Any], **kw: Any) -> Optimizer:
 
 
 def _entropy_sgd(params: Iterable[Any], **kw: Any) -> Optimizer:
-    from rollingball.optim.entropy_sgd import EntropySGD
+    from rollingball.baselines.entropy_sgd import EntropySGD
 
     return EntropySGD(params, **kw)
 
@@ -95,7 +95,7 @@ def _sam(params: Iterable[Any], **kw: Any) -> Optimizer:
 
 
 def _usam(params: Iterable[Any], **kw: Any) -> Optimizer:
-    from rollingball.optim.usam import USAM
+    from rollingball.baselines.usam import USAM
 
     return USAM(params, **kw)
 

@@ -278,7 +278,7 @@ class AndersonProjection:
     `trust`·(predicted decrease) of the model's φ̂ (to first order the relative error is ρλ,
     the ball against the curvature along the step); (2) the iteration contracts:
     ‖δ‖ ≤ `contraction`·‖δ_last‖; and (3) the model, charged twice the last step's model
-    error scaled by (‖δ‖/‖δ_last‖)², still predicts that φ decreases.
+    error scaled by ‖δ‖/‖δ_last‖, still predicts that φ decreases.
 
     Stops when ‖r(x)‖ ≤ tol·‖r(θ)‖. Two host synchronisations per evaluated trial point.
     Extra memory at the peak: 2m + 1 parameter-sized buffers (p, m differences of each kind,

@@ -4,11 +4,11 @@
     python -m rollingball.experiments.claims NAME [--out DIR] [--tiny]
 
 Each experiment writes NAME-specific ``.png`` and ``.json`` files into ``--out`` (default
-``docs/figures/claims``) and prints its table; ``all`` runs every experiment, in ``--jobs``
-worker processes (default 2, one per core of the 2-core budget; ``--jobs 1`` runs them in
-turn in this process). ``--tiny`` shrinks every experiment to a smoke test of a few seconds.
-Each report's header gives the experiment's wall time and CPU time (the wall time on an idle
-core: every run uses one thread).
+``runs/claims``; ``--out docs/figures/claims`` regenerates the ledger's figures in a clone) and
+prints its table; ``all`` runs every experiment, in ``--jobs`` worker processes (default 2, one
+per core of the 2-core budget; ``--jobs 1`` runs them in turn in this process). ``--tiny``
+shrinks every experiment to a smoke test of a few seconds. Each report's header gives the
+experiment's wall time and CPU time (the wall time on an idle core: every run uses one thread).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ def _experiments() -> dict[str, Callable[[Path, bool], str]]:
     from rollingball.experiments.claims import laws_runs, paper_runs
 
     return {
-        "h1": laws_runs.h1,
-        "h2": laws_runs.h2,
-        "h3": laws_runs.h3,
-        "h4": laws_runs.h4,
+        "usam": laws_runs.usam,
+        "edge_of_stability": laws_runs.edge_of_stability,
+        "hidden_learning_rate": laws_runs.hidden_learning_rate,
+        "large_learning_rates": laws_runs.large_learning_rates,
         "ironing": paper_runs.ironing,
         "sharp_flat": paper_runs.sharp_flat,
         "training": paper_runs.training,
@@ -37,9 +37,27 @@ def _experiments() -> dict[str, Callable[[Path, bool], str]]:
     }
 
 
-EXPERIMENTS = ("h1", "h2", "h3", "h4", "ironing", "sharp_flat", "training", "regimes")
+EXPERIMENTS = (
+    "usam",
+    "edge_of_stability",
+    "hidden_learning_rate",
+    "large_learning_rates",
+    "ironing",
+    "sharp_flat",
+    "training",
+    "regimes",
+)
 # Longest first (measured CPU times), so that two worker processes finish close together.
-LONGEST_FIRST = ("h2", "h3", "h4", "sharp_flat", "training", "regimes", "ironing", "h1")
+LONGEST_FIRST = (
+    "edge_of_stability",
+    "hidden_learning_rate",
+    "large_learning_rates",
+    "sharp_flat",
+    "training",
+    "regimes",
+    "ironing",
+    "usam",
+)
 
 
 def _one(name: str, out: Path, tiny: bool) -> tuple[str, str, float, float]:
@@ -93,7 +111,7 @@ def run_many(names: tuple[str, ...], out: Path, tiny: bool = False, jobs: int = 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=[*EXPERIMENTS, "all"], help="the experiment to run")
-    parser.add_argument("--out", default="docs/figures/claims", help="directory for PNG + JSON")
+    parser.add_argument("--out", default="runs/claims", help="directory for PNG + JSON")
     parser.add_argument("--tiny", action="store_true", help="smoke-test size (seconds)")
     parser.add_argument(
         "--jobs",

@@ -40,9 +40,9 @@ TASKS = ("digits", "mnist1d")
 COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6")
 
 
-def h1(out: Path, tiny: bool) -> str:
+def usam(out: Path, tiny: bool) -> str:
     """One step of RBO against USAM at radius ρ and ρ/s, and against the first-order law;
-    then the same with heavy-ball momentum (:func:`_h1_momentum`).
+    then the same with heavy-ball momentum (:func:`_usam_momentum`).
 
     Tanh MLP (features-32-10) on 256 training examples, float64, full batch, η = 0.5, from the
     parameters after T plain gradient steps. The figure's ratio is
@@ -100,7 +100,7 @@ def h1(out: Path, tiny: bool) -> str:
             by_t[str(t)] = {**entry, "s": s, "kappa": kappa, "lambda_max": lam}
         results["tasks"][name] = by_t
 
-    momentum = _h1_momentum(radii, tiny)
+    momentum = _usam_momentum(radii, tiny)
     results["momentum"] = momentum
 
     fig, axes = figure(2, 2, width=4.6, height=3.4)
@@ -160,7 +160,7 @@ def h1(out: Path, tiny: bool) -> str:
 KEYS_MOMENTUM = ("usam_own", "usam_shared", "lookahead", "first_order")
 
 
-def _h1_momentum(radii: list[float], tiny: bool) -> dict[str, Any]:
+def _usam_momentum(radii: list[float], tiny: bool) -> dict[str, Any]:
     """One RBO step with heavy-ball momentum against USAM with momentum and the derived law.
 
     Full-batch heavy ball (η = 0.05, μ = 0.9: the effective rate η/(1 − μ) = 0.5 of the
@@ -288,7 +288,7 @@ def _full_batch(
     return record
 
 
-def h2(out: Path, tiny: bool) -> str:
+def edge_of_stability(out: Path, tiny: bool) -> str:
     """Full-batch training (square loss, tanh MLP 64-64-64, 500 examples, η = 0.5): λ_max(t).
 
     The prediction: GD's sharpness rises to 2/η and hovers there (edge of stability), RBO's to
@@ -344,7 +344,7 @@ def h2(out: Path, tiny: bool) -> str:
                 ]
             )
 
-    fig = plot_h2(results)
+    fig = plot_edge_of_stability(results)
     save(fig, out, "h2_edge_of_stability", results)
     header = [
         "task",
@@ -360,7 +360,7 @@ def h2(out: Path, tiny: bool) -> str:
     return table(header, rows)
 
 
-def plot_h2(results: dict[str, Any]) -> Any:
+def plot_edge_of_stability(results: dict[str, Any]) -> Any:
     """λ_max against the step per task, with each run's predicted edge dashed."""
     fig, axes = figure(1, 2, width=5.0, height=3.8)
     for ax, task_name in zip(axes[0], TASKS, strict=True):
@@ -379,7 +379,7 @@ def plot_h2(results: dict[str, Any]) -> Any:
 PAPER = {"lr": 1.0, "step_size": 1e-3, "steps": 100}  # the authors' code defaults (η, γ, K)
 
 
-def h3(out: Path, tiny: bool) -> str:
+def hidden_learning_rate(out: Path, tiny: bool) -> str:
     """The paper's truncated projection is SGD with the rate η[1 − (1 − γs²)^K] ≈ ηγK s².
 
     (a) One step (GELU MLP 100-100, batch 256, float64) at the start and after one epoch of
@@ -499,7 +499,7 @@ def h3(out: Path, tiny: bool) -> str:
     )
 
 
-def h4(out: Path, tiny: bool) -> str:
+def large_learning_rates(out: Path, tiny: bool) -> str:
     """Large learning rates: exact against truncated projection, and SGD, on MNIST-1D.
 
     GELU MLP 100-100, batch 256, 3 epochs, constant η ∈ {0.1, 1, 6, 20, 100}, ρ = 1.
