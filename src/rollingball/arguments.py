@@ -32,6 +32,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class DocstringHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`HelpFormatter` that keeps the description's lines, for a module docstring."""
+
+
 def one_line(error: BaseException) -> str:
     """An exception's message on one line (torch's messages span several)."""
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())

@@ -232,13 +232,13 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add ``frontier`` to the ``rollingball`` command."""
-    from rollingball.arguments import HelpFormatter
+    from rollingball.arguments import DocstringHelpFormatter
 
     parser = subparsers.add_parser(
         "frontier",
         help="the cost frontier of RBO's projection: accuracy against closure calls per step",
         description=__doc__,
-        formatter_class=HelpFormatter,
+        formatter_class=DocstringHelpFormatter,
     )
     parser.add_argument("--out", default="runs/frontier", help="output directory")
     parser.add_argument("--epochs", type=int, default=10, help="epochs per run")
