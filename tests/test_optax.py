@@ -32,7 +32,14 @@ from rollingball.optax import (
 )
 from rollingball.optim.projection import AndersonProjection
 
-STATS = ("grad_evals", "projection_steps", "safeguard_steps", "converged", "blind_step")
+STATS = (
+    "grad_evals",
+    "projection_steps",
+    "safeguard_steps",
+    "converged",
+    "blind_step",
+    "update_bounded",
+)
 
 
 @pytest.fixture
@@ -118,6 +125,9 @@ EQUALITY_CASES = {
     "momentum+decay": dict(
         lr=1.0, radius=1.0, projection_steps=4, momentum=0.9, weight_decay=1e-2, loss_scale=2.0
     ),
+    # the update bounded: θ + (max_update/‖d‖) d on the steps whose d is longer
+    "max_update": dict(lr=0.5, radius=0.3, momentum=0.9, max_update=0.2),
+    "sgd+max_update": dict(lr=0.5, radius=0.0, momentum=0.9, max_update=0.2),
 }
 
 
@@ -134,6 +144,8 @@ def test_equal_to_the_torch_rbo(x64, case, jit):
     assert traces == (1 if jit else 10)  # a jitted training step is traced and compiled once
     if case == "momentum+decay":
         assert any(s["blind_step"] for s in stats) and any(s["safeguard_steps"] for s in stats)
+    bounded = sum(s["update_bounded"] for s in stats)
+    assert 1 <= bounded <= 9 if "max_update" in options else bounded == 0
 
 
 # --- the authors' scheme, re-implemented from DESIGN §2 the way their code runs it ---
@@ -336,7 +348,8 @@ def test_radius_schedule_starts_as_sgd(x64):
     ("options", "message"),
     [
         (dict(radius=-1.0), "radius must be a finite number >= 0"),
-        (dict(learning_rate=math.nan), "learning rate must be a finite number >= 0"),
+        (dict(learning_rate=math.nan), r"learning rate \(lr\) must be a finite number >= 0"),
+        (dict(max_update=0.0), "max_update must be a finite number > 0"),
         (dict(projection="newton"), "unknown projection solver 'newton'"),
         (dict(projection_steps=0), "projection_steps must be an int >= 1"),
         (dict(anderson_memory=0), "anderson_memory must be an int >= 1"),
@@ -345,6 +358,21 @@ def test_radius_schedule_starts_as_sgd(x64):
 )
 def test_bad_settings_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
+        rbo(**options)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(learning_rate="0.1"), r"learning rate \(lr\) must be .*, got str '0.1'; pass float"),
+        (dict(radius=jnp.asarray(0.2)), r"radius must be .*, got ArrayImpl .*; pass float"),
+        (dict(momentum=True), "momentum must be .*, got bool True"),
+        (dict(projection_steps=2.5), "projection_steps must be an int >= 1, got float 2.5"),
+        (dict(max_update="1"), "max_update must be .*, got str '1'"),
+    ],
+)
+def test_a_wrong_type_is_refused_naming_the_type(options, message):
+    with pytest.raises(TypeError, match=message):
         rbo(**options)
 
 
