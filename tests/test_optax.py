@@ -432,3 +432,13 @@ def test_the_jax_extra_does_not_bring_torch():
     names = [*project["dependencies"], *project["optional-dependencies"]["jax"]]
     assert not [name for name in names if name.lower().startswith("torch")]
     assert {"jax", "optax"} <= {name.split(">")[0].split("=")[0] for name in names}
+
+
+def test_the_flax_example_names_the_extra_that_installs_flax():
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    names = [n.split(">")[0] for n in extras["optional-dependencies"]["flax"]]
+    assert {"jax", "optax", "flax"} <= set(names) and not any("torch" in n for n in names)
+    for document in ("examples/flax_nnx.py", "docs/jax.md", "README.md"):
+        assert "pip install 'rollingball[flax]'" in (root / document).read_text(), document

@@ -15,6 +15,29 @@ COMMAND_MODULES = (
 )
 
 
+# The extra that installs what each command module needs, and the extra of each package a
+# command may import (pyproject.toml); a package not listed is named by itself.
+COMMAND_EXTRAS = {"iron": "landscape", "landscape": "landscape"}  # others: experiments
+PACKAGE_EXTRAS = {
+    "torch": "torch",
+    "lightning": "lightning",
+    "jax": "jax",
+    "optax": "jax",
+    "flax": "flax",
+}
+
+
+def missing_package(error: ModuleNotFoundError, command: str | None) -> str:
+    """One line naming the missing package and the extra that installs it."""
+    package = (error.name or "").split(".")[0] or "a package"
+    extra = PACKAGE_EXTRAS.get(package) or COMMAND_EXTRAS.get(command or "", "experiments")
+    what = "this command needs" if command else "rollingball's commands need"
+    return (
+        f"{what} the package {package!r}, which is not installed: "
+        f"pip install 'rollingball[{extra}]' (or -e '.[{extra}]' in a checkout)"
+    )
+
+
 def comma_separated_floats(text: str) -> list[float]:
     """argparse type for "0.01,0.1,1"."""
     try:
@@ -48,9 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as error:  # the commands' modules need torch at least
+        if (error.name or "").startswith("rollingball"):
+            raise
+        print(f"rollingball: error: {missing_package(error, None)}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except ModuleNotFoundError as error:  # an extra not installed: say which, in one line
+        if (error.name or "").startswith("rollingball"):
+            raise  # not a missing extra: a bug
+        message = missing_package(error, args.command)
+        print(f"rollingball {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as error:  # bad input, missing files: one line, no traceback
         print(f"rollingball {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
