@@ -525,8 +525,8 @@ def rbo(
         loss_scale: κ, scale of the vertical axis: the landscape is κ f.
         anderson_memory: m, the differences the Anderson solver keeps.
         max_update: None, or the most the parameters may move in one step: an update d
-            longer than it becomes (max_update/‖d‖) d (as `optax.clip_by_global_norm`
-            chained after `rbo` would do; the momentum keeps the full v).
+            longer than it becomes (max_update/‖d‖) d (the formula of
+            `optax.clip_by_global_norm`; the momentum keeps the full v).
 
     `update(grad, state, params, *, value, grad, value_fn, **extra_args)` takes the loss
     `value` and its gradient at `params` (`grad` defaults to the first argument) and calls
