@@ -359,7 +359,10 @@ class RBO(Optimizer):
         projection_steps: K, the most projection trial points per step (a step costs at most
             1 + K closure calls; gd: K iterations, K calls); when K runs out the solver still
             takes the step its last evaluation points to, unevaluated (`blind_step`).
-        projection_step_size: γ, the step of the fixed-point iteration x ← x − γ r(x).
+        projection_step_size: γ, the step of the fixed-point iteration x ← x − γ r(x); "gd"
+            is stable only while γ(1 + ‖∇f‖²) < 2 (the default γ = 1 suits Anderson, whose
+            safeguard rejects bad trial points; gd with a steep loss needs a smaller γ, and a
+            divergence it causes is refused with this condition in the message).
         projection_tol: stop when ‖r(x)‖ <= tol·‖r(θ)‖; 0 runs all K iterations. The
             defaults (K = 2, tol = 1e-4, m = 1: 3 closure calls) come from the cost frontier in
             docs/results.md; K = 20 with m = 5 is the converged projection.
@@ -401,9 +404,12 @@ class RBO(Optimizer):
     spent. RBO sets the gradients to None before every closure call, and after a step at
     radius > 0 (the last call's `.grad` is a trial point's gradient or a residual, not the
     gradient at the new θ); at radius 0 `.grad` keeps ∇f(θ) = κ(±∇loss + λθ).
-    If the relative residual stays above 0.5 on more than half of the last 20 steps, RBO
-    warns once (`ProjectionWarning`); projection_tol=0 (a fixed K, as in the authors' code)
-    turns the watch off.
+    If the relative residual stays above 0.5 (and the residual above 1% of the centre's offset
+    ‖θ − θ̃‖) on more than half of the last 20 steps, RBO warns once (`ProjectionWarning`);
+    that step spends 3 more closure calls testing the closure's gradient against its loss,
+    to name clipping when it is not the loss's. projection_tol=0 (a fixed K, as in the
+    authors' code) turns the watch off. `closure_call` is the number of the closure call
+    running now (1 at θ), 0 outside a step.
     """
 
     def __init__(
@@ -690,11 +696,13 @@ class RBO(Optimizer):
         closure calls, θ restored bit for bit); NaN when a value is not finite or ∇f = 0."""
         params = _flat(landscape.params)
         start = self.workspace.copy(params)
+        grads: list[Tensor] = []
         try:
             at = landscape.evaluate()
-            grads, norm = _flat(at.grads), math.sqrt(at.grad_sq)
+            norm = math.sqrt(at.grad_sq)
             if norm == 0:
                 return math.nan
+            grads = self.workspace.copy(_flat(at.grads))  # `.grad` may be reused (DDP views)
             eps = math.sqrt(torch.finfo(params[0].dtype).eps) * max(1.0, abs(at.value)) / norm
             values = []
             for sign in (1.0, -1.0):
@@ -707,6 +715,8 @@ class RBO(Optimizer):
         finally:
             copy_(params, start)
             self.workspace.give(start)
+            if grads:
+                self.workspace.give(grads)
 
     def _warn_poor_projection(self, slope_ratio: float) -> None:
         """The warning, with the causes that fit and for each the setting that changes it."""
