@@ -219,6 +219,7 @@ def test_last_stats_hold_the_same_keys_after_every_kind_of_step():
         opt.step(lambda: 1 / 0)
     seen.append(opt.last_stats)
     assert [s["skipped"] for s in seen] == [False, True, True, True]
+    assert all(p.grad is None for p in model.parameters())  # skipped steps too
     assert all(set(s) == set(STATS_KEYS) for s in seen)
     for key in STATS_KEYS:  # every key is in the docstring
         assert key in RBO.__doc__

@@ -583,11 +583,10 @@ class RBO(Optimizer):
         finally:
             self._caller = None
             caller.finish()
-            if snapshot is not None:
+            if snapshot is not None:  # radius > 0: `.grad` holds a trial point's or a residual
                 self.workspace.give(snapshot)
-        if settings["radius"]:  # `.grad` holds the last trial point's gradient or a residual
-            for p in _flat(params):
-                p.grad = None
+                for p in _flat(params):
+                    p.grad = None
         self._commit_momentum(groups, active, directions)
         self._count_step(landscape.calls)
         self.last_stats = {
