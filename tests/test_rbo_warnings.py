@@ -195,3 +195,29 @@ def test_a_fixed_budget_turns_the_watch_off() -> None:
     caught, stats, _ = train(clipping, **QUICK_START, projection_tol=0.0)
     assert caught == [] and poor(stats) > STEPS // 2
     assert {s["grad_evals"] for s in stats} == {3}  # and no gradient test is spent
+
+
+def test_the_gradient_test_costs_3_calls_and_leaves_the_run_as_it_was() -> None:
+    runs = []
+    for watched in (True, False):
+        x, y = images()
+        model = cnn()
+        opt = RBO(model.parameters(), model=model, lr=0.1, radius=0.5)
+        opt._warned = not watched  # a warned optimizer never tests again
+        calls, points, draws = [], [], []
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            for step in range(25):
+                rows = slice(32 * step % len(x), 32 * step % len(x) + 32)
+                opt.step(plain(opt, model, x[rows], y[rows]))
+                calls.append(opt.last_stats["grad_evals"])
+                points.append([p.detach().clone() for p in model.parameters()])
+                draws.append(torch.rand(()))  # the generator after the step (Dropout draws)
+        runs.append((calls, points, draws, model.state_dict()))
+    (calls, points, draws, state), (plain_calls, plain_points, plain_draws, plain_state) = runs
+    assert [a - b for a, b in zip(calls, plain_calls, strict=True)].count(3) == 1
+    assert sum(calls) == sum(plain_calls) + 3
+    for ours, theirs in zip(points, plain_points, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(ours, theirs, strict=True))
+    assert draws == plain_draws
+    assert all(torch.equal(state[k], plain_state[k]) for k in state)  # BatchNorm statistics
