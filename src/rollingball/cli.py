@@ -15,25 +15,23 @@ COMMAND_MODULES = (
 )
 
 
-# The extra that installs what each command module needs, and the extra of each package a
-# command may import (pyproject.toml); a package not listed is named by itself.
-COMMAND_EXTRAS = {"iron": "landscape", "landscape": "landscape"}  # others: experiments
-PACKAGE_EXTRAS = {
-    "torch": "torch",
-    "lightning": "lightning",
-    "jax": "jax",
-    "optax": "jax",
-    "flax": "flax",
-}
+# The extra (pyproject.toml) that installs everything a command needs, torch included.
+COMMAND_EXTRAS = {"iron": "landscape", "landscape": "landscape"}  # the others: experiments
 
 
 def missing_package(error: ModuleNotFoundError, command: str | None) -> str:
-    """One line naming the missing package and the extra that installs it."""
+    """One line naming the missing package and the extra that installs it (before a command
+    is known: the extras of the commands, each of which brings torch)."""
     package = (error.name or "").split(".")[0] or "a package"
-    extra = PACKAGE_EXTRAS.get(package) or COMMAND_EXTRAS.get(command or "", "experiments")
-    what = "this command needs" if command else "rollingball's commands need"
+    if command is None:
+        return (
+            f"rollingball's commands need the package {package!r}, which is not installed: "
+            "pip install 'rollingball[experiments]' (run, compare, sweep, report, claims) or "
+            "'rollingball[landscape]' (iron, landscape)"
+        )
+    extra = COMMAND_EXTRAS.get(command, "experiments")
     return (
-        f"{what} the package {package!r}, which is not installed: "
+        f"this command needs the package {package!r}, which is not installed: "
         f"pip install 'rollingball[{extra}]' (or -e '.[{extra}]' in a checkout)"
     )
 
