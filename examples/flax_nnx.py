@@ -1,5 +1,6 @@
 """RBO on a Flax NNX model: `nnx.Optimizer` with `rollingball.optax.rbo`, one jitted step.
 
+    pip install 'rollingball[flax]'      # jax, optax and flax (the jax extra has no flax)
     python examples/flax_nnx.py [--steps 200] [--radius 0.1] [--lr 1.0] [--projection gd]
 
 A small MLP learns to tell two noisy rings apart (generated here, no download). RBO evaluates the
@@ -15,7 +16,11 @@ import argparse
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+
+try:
+    from flax import nnx
+except ModuleNotFoundError:
+    raise SystemExit("examples/flax_nnx.py needs Flax: pip install 'rollingball[flax]'") from None
 
 from rollingball import defaults
 from rollingball.optax import rbo

@@ -59,6 +59,9 @@ def _max_difference(a: nn.Module, b: nn.Module) -> float:
 def test_bfloat16_autocast_inside_the_closure() -> None:
     reference, ref_opt, ref_losses = train(None, projection_tol=1e-2)
     model, opt, losses = train(torch.bfloat16, projection_tol=1e-2)
+    x, y = make_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nn.functional.cross_entropy(model(x), y).backward()  # the closure's backward
     for p in model.parameters():
         assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
     assert opt.skipped_steps == 0

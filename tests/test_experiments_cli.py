@@ -2,10 +2,15 @@
 
 import csv
 import json
+import os
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+import rollingball
 from rollingball.cli import main
 from rollingball.experiments.report import SUMMARY_COLUMNS
 
@@ -375,3 +380,34 @@ def test_help_lists_choices_and_defaults(capsys):
         text = " ".join(capsys.readouterr().out.split())
         for phrase in phrases:
             assert phrase in text, (command, phrase)
+
+
+@pytest.mark.parametrize(
+    ("hidden", "argv", "extra"),
+    [
+        ("rich", ["compare", "--epochs", "1", "--seeds", "1", "--out", "out"], "experiments"),
+        ("torch", ["report", "out"], "experiments"),  # every command module imports torch
+    ],
+)
+def test_a_command_whose_extra_is_missing_says_which_extra_in_one_line(
+    tmp_path, hidden, argv, extra
+):
+    # the package is hidden in a fresh interpreter, as in a venv with only some extras
+    script = (
+        f"import sys; sys.modules[{hidden!r}] = None\n"
+        f"from rollingball.cli import main; sys.exit(main({argv!r}))\n"
+    )
+    source = str(Path(rollingball.__file__).parents[1])  # this checkout's rollingball
+    env = {**os.environ, "PYTHONPATH": source}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"the package {hidden!r}, which is not installed" in done.stderr
+    assert f"pip install 'rollingball[{extra}]'" in done.stderr

@@ -57,7 +57,7 @@ class Classifier(pl.LightningModule):
         self.calls[self.global_step] += 1
         x, y = batch
         loss = nn.functional.cross_entropy(self.net(x), y)
-        self.log("train_loss", loss)  # runs at every closure call: the last one stays
+        self.log("train_loss", loss, prog_bar=True)  # RBOCallback keeps the first call's
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -124,13 +124,27 @@ def test_lightning_trains_rbo_and_logs_its_closure_calls(tmp_path: Path) -> None
     assert [int(float(row["rbo/closure_calls"])) for row in rows] == calls
     assert int(float(rows[-1]["rbo/grad_evals"])) == sum(calls)
     assert all(float(row["rbo/converged"]) in (0.0, 1.0) for row in rows)
-    # rbo/loss_step is the loss at the start point; training_step's log is the last trial's
+    # rbo/loss_step is the loss at the start point, and so is training_step's own log
     losses = [float(row["rbo/loss_step"]) for row in rows]
     assert losses == pytest.approx([s["loss"] for s in module.stats], rel=1e-6)
-    trial = [float(row["train_loss"]) for row in rows]
-    assert all(abs(a - b) > 1e-4 for a, b in zip(losses, trial, strict=True))
+    logged = [float(row["train_loss"]) for row in rows]
+    assert logged == pytest.approx(losses, rel=1e-6)
+    assert float(trainer.progress_bar_metrics["train_loss"]) == pytest.approx(losses[-1], rel=1e-6)
+    assert "log" not in vars(module)  # the module's own log is back after training
     (epoch_row,) = logged_rows(tmp_path, "rbo/loss_epoch")
     assert float(epoch_row["rbo/loss_epoch"]) == pytest.approx(sum(losses) / STEPS, rel=1e-6)
+
+
+def test_without_log_at_theta_training_step_logs_the_last_trial_points_loss(
+    tmp_path: Path,
+) -> None:
+    module = Classifier()
+    trainer = make_trainer(tmp_path, callbacks=[RBOCallback(log_at_theta=False)])
+    trainer.fit(module, DataLoader(make_data(), batch_size=16))
+    rows = logged_rows(tmp_path, "rbo/loss_step")
+    at_theta = [float(row["rbo/loss_step"]) for row in rows]
+    trial = [float(row["train_loss"]) for row in rows]
+    assert all(abs(a - b) > 1e-4 for a, b in zip(at_theta, trial, strict=True))
 
 
 def test_rbo_figures_cover_every_step_at_lightnings_logging_interval(tmp_path: Path) -> None:
@@ -201,7 +215,7 @@ def test_accumulation_under_automatic_optimisation_equals_the_plain_loop(tmp_pat
     ("setting", "message"),
     [
         ({"accumulate_grad_batches": 2}, "accumulate_grad_batches=2"),
-        ({"gradient_clip_val": 1.0}, "gradient clipping"),
+        ({"gradient_clip_val": 1.0}, r"gradient clipping.*max_update"),
     ],
 )
 def test_settings_that_break_the_closure_are_refused(

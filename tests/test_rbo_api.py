@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from rollingball import RBO
+from rollingball.optim.rbo import STATS_KEYS
 
 
 def model_and_batch(seed: int = 0):
@@ -47,7 +49,6 @@ def closure_for(model, optimizer, x, y, poison_at=None, poison=math.nan, where="
         ({"momentum": -0.5}, "momentum"),
         ({"weight_decay": -1e-3}, "weight_decay"),
         ({"projection_steps": 0}, "projection_steps"),
-        ({"projection_steps": 2.5}, "projection_steps"),
         ({"projection": "newton"}, "unknown projection solver"),
         ({"projection_step_size": 0.0}, "projection_step_size"),
         ({"projection_step_size": -1.0}, "projection_step_size"),
@@ -80,10 +81,169 @@ def test_groups_with_different_radii_are_refused():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_a_step_without_closure_is_refused():
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": "0.1"}, r"learning rate \(lr\) must be a finite int or float >= 0, got str '0.1'"),
+        ({"radius": "0.5"}, r"radius must be .*, got str '0.5'; pass float"),
+        ({"radius": torch.tensor(0.2)}, r"radius must be .*, got Tensor tensor\(0.2000\)"),
+        ({"momentum": True}, "momentum must be .*, got bool True"),
+        ({"weight_decay": None}, "weight_decay must be .*, got NoneType None"),
+        ({"projection_steps": 2.5}, "projection_steps must be an int >= 1, got float 2.5"),
+        ({"anderson_memory": "1"}, "anderson_memory must be an int >= 1, got str '1'"),
+        ({"max_update": "1.0"}, "max_update must be .*, got str '1.0'"),
+    ],
+)
+def test_a_wrong_type_is_refused_at_construction_naming_the_type(options, message):
     model, _, _ = model_and_batch()
-    with pytest.raises(RuntimeError, match="needs a closure"):
-        RBO(model.parameters(), lr=0.1).step()
+    with pytest.raises(TypeError, match=message):
+        RBO(model.parameters(), **{"lr": 0.1, **options})
+    opt = RBO(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=message):  # a param group of its own, too
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], **options})
+
+
+def test_numpy_numbers_and_ints_are_numbers():
+    model, x, y = model_and_batch()
+    opt = RBO(model.parameters(), lr=np.float32(0.1), radius=1, momentum=np.float64(0.5))
+    closure, _ = closure_for(model, opt, x, y)
+    opt.step(closure)
+    assert not opt.last_stats["skipped"]
+
+
+def test_a_step_without_closure_is_refused_at_a_positive_radius_with_the_reason():
+    model, _, _ = model_and_batch()
+    with pytest.raises(RuntimeError, match=r"needs a closure at radius > 0.*at radius=0 step\(\)"):
+        RBO(model.parameters(), lr=0.1, radius=0.5).step()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"momentum": 0.9, "weight_decay": 0.01}, {"maximize": True}, {"loss_scale": 2.0}],
+)
+def test_a_step_without_closure_at_radius_0_is_sgd_on_the_gradients_present(options):
+    model, x, y = model_and_batch()
+    twin = copy.deepcopy(model)
+    sgd_options = {k: v for k, v in options.items() if k != "loss_scale"}
+    scale = options.get("loss_scale", 1.0)
+    opt = RBO(model.parameters(), lr=0.1 / scale, radius=0, **options)
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, **sgd_options)
+    for _ in range(3):
+        for net, optimizer in ((model, opt), (twin, sgd)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        assert opt.step() is None
+        sgd.step()
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        # the gradients are left as the caller put them, as SGD leaves them
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    assert opt.last_stats["grad_evals"] == 0 and opt.grad_evals == 0
+    assert set(opt.last_stats) == set(STATS_KEYS)
+
+
+def test_a_step_without_closure_refuses_a_non_finite_gradient_and_moves_nothing():
+    model, x, y = model_and_batch()
+    opt = RBO(model.parameters(), lr=0.1, radius=0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    next(model.parameters()).grad[0, 0] = math.inf
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient in \.grad"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert opt.last_stats["skipped"] and set(opt.last_stats) == set(STATS_KEYS)
+
+
+def test_a_foreign_state_dict_is_refused_at_load_with_the_reason():
+    model, x, y = model_and_batch()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sgd.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    sgd.step()
+    opt = RBO(model.parameters(), lr=0.1, radius=0.5)
+    saved = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="not an RBO state dict: its param groups lack radius"):
+        opt.load_state_dict(sgd.state_dict())
+    assert opt.state_dict() == saved  # nothing loaded
+    bad = copy.deepcopy(saved)
+    bad["param_groups"][0]["radius"] = "0.5"
+    with pytest.raises(TypeError, match="radius"):
+        opt.load_state_dict(bad)
+    closure, _ = closure_for(model, opt, x, y)
+    opt.step(closure)  # the optimizer still works
+
+
+def test_a_state_dict_saved_before_max_update_loads_without_a_bound():
+    model, _, _ = model_and_batch()
+    opt = RBO(model.parameters(), lr=0.1, radius=0.5)
+    state = copy.deepcopy(opt.state_dict())
+    del state["param_groups"][0]["max_update"]
+    fresh = RBO(model.parameters(), lr=0.1, radius=0.5, max_update=1.0)
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["max_update"] is None
+
+
+@pytest.mark.parametrize(
+    ("radius", "projection"), [(0.0, "anderson"), (0.5, "anderson"), (0.5, "gd")]
+)
+def test_grad_after_a_step_is_the_gradient_at_radius_0_and_none_otherwise(radius, projection):
+    model, x, y = model_and_batch()
+    opt = RBO(
+        model.parameters(), lr=0.3, radius=radius, projection=projection, projection_step_size=0.1
+    )
+    closure, _ = closure_for(model, opt, x, y)
+    start = [p.detach().clone() for p in model.parameters()]
+    twin, _, _ = model_and_batch()
+    nn.functional.cross_entropy(twin(x), y).backward()
+    opt.step(closure)
+    if radius == 0:
+        assert all(
+            torch.equal(p.grad, q.grad)
+            for p, q in zip(model.parameters(), twin.parameters(), strict=True)
+        )
+    else:
+        assert all(p.grad is None for p in model.parameters())
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), start, strict=True))
+
+
+def test_last_stats_hold_the_same_keys_after_every_kind_of_step():
+    model, x, y = model_and_batch()
+    opt = RBO(model.parameters(), lr=0.1, radius=0.5, on_nonfinite="skip")
+    seen = []
+    for poison_at in (None, 1, 2):
+        closure, _ = closure_for(model, opt, x, y, poison_at=poison_at)
+        opt.step(closure)
+        seen.append(opt.last_stats)
+    with pytest.raises(ZeroDivisionError):
+        opt.step(lambda: 1 / 0)
+    seen.append(opt.last_stats)
+    assert [s["skipped"] for s in seen] == [False, True, True, True]
+    assert all(p.grad is None for p in model.parameters())  # skipped steps too
+    assert all(set(s) == set(STATS_KEYS) for s in seen)
+    for key in STATS_KEYS:  # every key is in the docstring
+        assert key in RBO.__doc__
+
+
+def test_gd_diverging_at_a_large_step_size_names_it_and_the_stability_condition():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 2))
+    x, y = torch.randn(64, 4) * 30, torch.randint(0, 2, (64,))
+    opt = RBO(
+        model.parameters(),
+        lr=0.5,
+        radius=0.5,
+        projection="gd",
+        projection_step_size=50.0,
+        projection_steps=20,
+        projection_tol=0,
+    )
+    closure, _ = closure_for(model, opt, x, y)
+    with pytest.raises(
+        FloatingPointError, match=r"γ\(1 \+ ‖∇f‖²\) < 2.*projection_step_size = 50.0"
+    ):
+        for _ in range(5):
+            opt.step(closure)
 
 
 def test_complex_parameters_are_refused():

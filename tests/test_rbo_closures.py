@@ -216,7 +216,7 @@ def test_poor_projection_progress_warns_once_and_names_the_causes() -> None:
     assert sum(r > 0.5 for r in residuals) == 25  # every step poor, the budget spent
     assert len(caught) == 1
     message = str(caught[0].message)
-    for knob in ("Dropout", "fixed_randomness", "same minibatch", "projection_tol", "radius"):
+    for knob in ("Dropout", "fixed_randomness", "same minibatch", "radius", "max_update"):
         assert knob in message
     assert caught[0].filename == __file__  # it points at the caller of step
 

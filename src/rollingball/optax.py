@@ -19,6 +19,7 @@ float32 or the widest parameter dtype, whichever is wider.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -48,7 +49,7 @@ class RBOState(NamedTuple):
     of `value_fn` in the step plus the caller's own evaluation at θ; `residual` is
     ‖r(x)‖/‖r(θ)‖ at the last evaluated point of the projection; `blind_step` says whether
     the solver took a last step without evaluating it; `skipped` is set when a non-finite
-    loss or gradient made the update zero.
+    loss or gradient made the update zero; `update_bounded` when `max_update` shortened it.
     """
 
     count: jax.Array  # type: ignore[assignment]  # optax calls the step count `count`
@@ -60,11 +61,29 @@ class RBOState(NamedTuple):
     converged: jax.Array
     blind_step: jax.Array
     skipped: jax.Array
+    update_bounded: jax.Array
 
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _require_number(value: Any, what: str, positive: bool = False) -> None:
+    """A finite int or float >= 0 (> 0 if `positive`), its type checked first, with the
+    messages of `rollingball.RBO`."""
+    bound = "> 0" if positive else ">= 0"
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        hint = "; pass float(...)" if isinstance(value, str) or hasattr(value, "shape") else ""
+        raise TypeError(
+            f"{what} must be a finite int or float {bound}, got {type(value).__name__} "
+            f"{value!r}{hint}"
+        )
+    number = float(value)
+    _require(
+        math.isfinite(number) and (number > 0 if positive else number >= 0),
+        f"{what} must be a finite number {bound}, got {value!r}",
+    )
 
 
 def _validate(
@@ -78,40 +97,32 @@ def _validate(
     weight_decay: float,
     loss_scale: float,
     anderson_memory: int,
+    max_update: float | None,
 ) -> None:
-    """Refuse hyperparameters that have no meaning, with the messages of `rollingball.RBO`."""
+    """Refuse hyperparameters that have no meaning, with the messages of `rollingball.RBO`:
+    a wrong type raises TypeError naming the type, a wrong value ValueError."""
     if not callable(learning_rate):
-        _require(
-            math.isfinite(learning_rate) and learning_rate >= 0,
-            f"learning rate must be a finite number >= 0, got {learning_rate}",
-        )
+        _require_number(learning_rate, "learning rate (lr)")
     if not callable(radius):
-        _require(
-            math.isfinite(radius) and radius >= 0,
-            f"radius must be a finite number >= 0, got {radius}",
-        )
-    _require(momentum >= 0, f"momentum must be >= 0, got {momentum}")
-    _require(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
-    _require(
-        math.isfinite(loss_scale) and loss_scale > 0,
-        f"loss_scale must be a finite number > 0, got {loss_scale}",
-    )
+        _require_number(radius, "radius")
+    _require_number(momentum, "momentum")
+    _require_number(weight_decay, "weight_decay")
+    _require_number(loss_scale, "loss_scale", positive=True)
     _require(
         projection in SOLVERS,
         f"unknown projection solver {projection!r}; choose one of {SOLVERS}",
     )
-    _require(
-        isinstance(projection_steps, int) and projection_steps >= 1,
-        f"projection_steps must be an int >= 1, got {projection_steps}",
-    )
-    _require(
-        projection_step_size > 0, f"projection_step_size must be > 0, got {projection_step_size}"
-    )
-    _require(projection_tol >= 0, f"projection_tol must be >= 0, got {projection_tol}")
-    _require(
-        isinstance(anderson_memory, int) and anderson_memory >= 1,
-        f"anderson_memory must be an int >= 1, got {anderson_memory}",
-    )
+    for name, value in (
+        ("projection_steps", projection_steps),
+        ("anderson_memory", anderson_memory),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+        _require(value >= 1, f"{name} must be an int >= 1, got {value}")
+    _require_number(projection_step_size, "projection_step_size", positive=True)
+    _require_number(projection_tol, "projection_tol")
+    if max_update is not None:
+        _require_number(max_update, "max_update", positive=True)
 
 
 # --- pytree arithmetic: scalars accumulated in `acc`, leaves kept in their own dtype ---
@@ -498,6 +509,7 @@ def rbo(
     weight_decay: float = 0.0,
     loss_scale: float = 1.0,
     anderson_memory: int = defaults.ANDERSON_MEMORY,
+    max_update: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The Rolling Ball Optimizer as an optax transformation; arguments as `rollingball.RBO`.
 
@@ -512,6 +524,9 @@ def rbo(
         weight_decay: λ, part of the landscape: f + λ/2 ‖θ‖².
         loss_scale: κ, scale of the vertical axis: the landscape is κ f.
         anderson_memory: m, the differences the Anderson solver keeps.
+        max_update: None, or the most the parameters may move in one step: an update d
+            longer than it becomes (max_update/‖d‖) d (the formula of
+            `optax.clip_by_global_norm`; the momentum keeps the full v).
 
     `update(grad, state, params, *, value, grad, value_fn, **extra_args)` takes the loss
     `value` and its gradient at `params` (`grad` defaults to the first argument) and calls
@@ -530,6 +545,7 @@ def rbo(
         weight_decay,
         loss_scale,
         anderson_memory,
+        max_update,
     )
     projection_tol = float(projection_tol)
 
@@ -546,6 +562,7 @@ def rbo(
             converged=jnp.ones((), bool),
             blind_step=jnp.zeros((), bool),
             skipped=jnp.zeros((), bool),
+            update_bounded=jnp.zeros((), bool),
         )
 
     def landscape_at(value: Any, grad: Any, x: Any, acc: Any) -> tuple[jax.Array, Any]:
@@ -631,8 +648,15 @@ def rbo(
     def _finish(
         delta: Any, v: Any, outcome: _Outcome, state: RBOState, acc: Any
     ) -> tuple[Any, RBOState]:
-        """The update (zero when a value was not finite) and the new state."""
+        """The update (zero when a value was not finite; shortened to max_update) and the new
+        state."""
         bad = outcome.bad
+        bounded = jnp.zeros((), bool)
+        if max_update is not None:
+            norm = jnp.sqrt(_inner(delta, delta, acc))
+            bounded = ~bad & (norm > max_update)
+            scale = jnp.where(bounded, max_update / jnp.where(bounded, norm, 1), 1)
+            delta = jax.tree.map(lambda d: (d * scale).astype(d.dtype), delta)
         initial = outcome.initial_norm
         relative = jnp.where(
             initial > 0, outcome.final_norm / jnp.where(initial > 0, initial, 1), 0
@@ -649,6 +673,7 @@ def rbo(
             converged=~bad & (relative <= projection_tol),
             blind_step=~bad & outcome.blind_step,
             skipped=bad,
+            update_bounded=bounded,
         )
         return jax.tree.map(lambda d: jnp.where(bad, jnp.zeros_like(d), d), delta), new_state
 

@@ -3,18 +3,21 @@
 Return RBO from ``configure_optimizers`` and train as usual. Under automatic optimisation
 Lightning passes ``optimizer.step`` a closure that runs ``training_step``, ``zero_grad`` and
 ``backward``; RBO calls it 1 + (projection iterations) times per step, so ``training_step``
-runs that often per batch, and a loss logged there is the loss at the projection's last
-trial point, not at the step's starting point. Add :class:`RBOCallback` to the trainer:
+runs that often per batch. Add :class:`RBOCallback` to the trainer:
 
 - it hands the LightningModule to RBO (``RBO.model``, unless set already), so that only the
   first closure call of a step updates the BatchNorm running statistics;
+- what ``training_step`` logs with ``self.log`` (or ``self.log_dict``) is what it computed
+  at the first closure call of the step, at the starting point θ, as with SGD: the
+  callback lets ``self.log`` through only during that call (``RBO.closure_call == 1``) or
+  outside a step, so ``self.log("train_loss", loss)`` logs the loss at θ, step and epoch;
 - it logs the step's loss at its starting point and the projection's figures (below);
 - it refuses the two Trainer settings that break the closure's contract:
   ``accumulate_grad_batches > 1`` (Lightning accumulates across batches, adding every call's
   gradients to those of the batches before; accumulate inside ``training_step`` with
   ``rollingball.optim.accumulation.accumulated_loss`` instead) and ``gradient_clip_val``
   (Lightning clips after every closure call, which changes the gradient but not the loss
-  RBO rolls on).
+  RBO rolls on; bound the step with ``RBO(max_update=...)`` instead).
 
 Logged names (``prefix`` ``rbo/``): ``rbo/loss_step`` and ``rbo/loss_epoch``, the loss at
 the starting point (``last_stats["loss"]``, the loss SGD's ``training_step`` would log) per
@@ -54,17 +57,39 @@ def _mean(values: Any) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
+def _log_at_theta(pl_module: pl.LightningModule, optimizers: list[RBO]) -> None:
+    """Shadow the module's ``log`` with one that drops what is logged at trial points (closure
+    calls after the first of a step); ``log_dict`` goes through ``log``."""
+    _restore_log(pl_module)
+    log = pl_module.log
+
+    def log_at_theta(*args: Any, **kwargs: Any) -> None:
+        if all(optimizer.closure_call <= 1 for optimizer in optimizers):
+            log(*args, **kwargs)
+
+    pl_module.__dict__["log"] = log_at_theta
+
+
+def _restore_log(pl_module: pl.LightningModule) -> None:
+    pl_module.__dict__.pop("log", None)
+
+
 class RBOCallback(pl.Callback):
     """Logs RBO's per-step figures, gives RBO the module, refuses settings that break it.
 
     Args:
         prefix: the prefix of the logged names.
         prog_bar: also show the closure calls per step in the progress bar.
+        log_at_theta: let the module's ``self.log`` through only at the first closure call
+            of each step (the starting point θ); False logs at every call (the last stays).
     """
 
-    def __init__(self, prefix: str = "rbo/", prog_bar: bool = False) -> None:
+    def __init__(
+        self, prefix: str = "rbo/", prog_bar: bool = False, log_at_theta: bool = True
+    ) -> None:
         self.prefix = prefix
         self.prog_bar = prog_bar
+        self.log_at_theta = log_at_theta
         self._windows: dict[int, deque[dict[str, float]]] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -83,13 +108,24 @@ class RBOCallback(pl.Callback):
             raise ValueError(
                 "gradient clipping changes the gradients RBO sees at every closure call but "
                 "not the loss, so the ball would roll on an inconsistent landscape; remove "
-                "gradient_clip_val (a smaller lr or radius bounds the step instead)"
+                "gradient_clip_val and bound the step with RBO(..., max_update=...) instead "
+                "(the most the parameters may move in one step, see docs/scaling.md)"
             )
         for optimizer in optimizers:
             if optimizer.model is None:
                 optimizer.model = pl_module
         window = max(1, getattr(trainer, "log_every_n_steps", 1))  # set by Lightning at init
         self._windows = {index: deque(maxlen=window) for index in range(len(optimizers))}
+        if self.log_at_theta:
+            _log_at_theta(pl_module, optimizers)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _restore_log(pl_module)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        _restore_log(pl_module)
 
     def on_train_batch_end(
         self,

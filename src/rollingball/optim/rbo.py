@@ -14,6 +14,8 @@ loss scale and the sign is − when maximizing. `radius=0` is exactly torch.opti
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -33,6 +35,7 @@ from rollingball.optim.geometry import (
     inner_device,
     plain_cpu,
     slope_factor,
+    squared_norm,
     squared_norm_device,
     to_host,
 )
@@ -52,12 +55,36 @@ SHARED_SETTINGS = (
     "projection_tol",
     "anderson_memory",
     "on_nonfinite",
+    "max_update",
 )
+# Every key of `last_stats`, whatever the step did (see RBO's docstring).
+STATS_KEYS = (
+    "grad_evals",
+    "projection_steps",
+    "residual",
+    "converged",
+    "safeguard_steps",
+    "blind_step",
+    "skipped",
+    "loss",
+    "update_bounded",
+)
+# The settings a state dict's param groups must hold to be RBO's (max_update may be absent:
+# state dicts saved before it existed load with no bound).
+STATE_KEYS = ("lr", "momentum", "weight_decay", *SHARED_SETTINGS[:-1])
 NONFINITE_POLICIES = ("raise", "skip")
 # The poor-projection warning: a step whose relative residual stays above POOR_RESIDUAL made
-# poor progress; warn once when more than half of the last POOR_WINDOW steps did.
+# poor progress, unless its residual is below POOR_OFFSET times the centre's offset ‖θ − θ̃‖
+# (r(θ) shrinks with η, so as a schedule anneals η → 0 the relative residual measures
+# round-off, while the ball's geometry is still met to within 1% of its offset); warn once
+# when more than half of the last POOR_WINDOW steps were poor.
 POOR_RESIDUAL = 0.5
+POOR_OFFSET = 0.01
 POOR_WINDOW = 20
+# When it warns, RBO tests the closure's gradient against its loss by central differences
+# along it: a slope ratio outside [1/GRADIENT_RATIO, GRADIENT_RATIO] means the gradient is not
+# the loss's (clipping or rescaling in the closure).
+GRADIENT_RATIO = 1.5
 # Below this many elements per parameter tensor on average, the Anderson solver's gradient is
 # copied into one flat buffer after each closure call: one pass, which costs less than the
 # microseconds of Python that each of its per-tensor reductions and updates takes per tensor.
@@ -76,46 +103,55 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _is_number(value: Any) -> bool:
+    """A real number RBO can compute with on the host: int or float (NumPy's too), not a
+    bool, a string or a tensor."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, Tensor))
+
+
+def _require_number(group: dict[str, Any], key: str, what: str, positive: bool = False) -> None:
+    """The setting `key` is a finite int or float >= 0 (> 0 if `positive`), checked by type
+    first so that the message names a wrong type rather than a value converted from it."""
+    value = group[key]
+    bound = "> 0" if positive else ">= 0"
+    if not _is_number(value):
+        hint = "; pass float(...)" if isinstance(value, (str, Tensor)) else ""
+        raise TypeError(
+            f"{what} must be a finite int or float {bound}, got {type(value).__name__} "
+            f"{value!r}{hint}"
+        )
+    _require(
+        math.isfinite(value) and (value > 0 if positive else value >= 0),
+        f"{what} must be a finite number {bound}, got {value!r}",
+    )
+
+
 def _validate_group(group: dict[str, Any]) -> None:
-    """Refuse hyperparameters that have no meaning, with the reason."""
-    lr = float(group["lr"])
-    _require(lr >= 0, f"learning rate must be a finite number >= 0, got {group['lr']}")
-    _require(math.isfinite(lr), f"learning rate must be finite, got {group['lr']}")
-    radius = group["radius"]
-    _require(
-        isinstance(radius, (int, float)) and math.isfinite(radius) and radius >= 0,
-        f"radius must be a finite number >= 0, got {radius}",
-    )
-    _require(group["momentum"] >= 0, f"momentum must be >= 0, got {group['momentum']}")
-    _require(group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}")
-    _require(
-        math.isfinite(group["loss_scale"]) and group["loss_scale"] > 0,
-        f"loss_scale must be a finite number > 0, got {group['loss_scale']}",
-    )
+    """Refuse hyperparameters that have no meaning, with the reason: a wrong type raises
+    TypeError naming the type, a wrong value ValueError."""
+    _require_number(group, "lr", "learning rate (lr)")
+    _require_number(group, "radius", "radius")
+    _require_number(group, "momentum", "momentum")
+    _require_number(group, "weight_decay", "weight_decay")
+    _require_number(group, "loss_scale", "loss_scale", positive=True)
     _require(
         group["projection"] in SOLVERS,
         f"unknown projection solver {group['projection']!r}; choose one of {SOLVERS}",
     )
-    steps = group["projection_steps"]
-    _require(
-        isinstance(steps, int) and steps >= 1, f"projection_steps must be an int >= 1, got {steps}"
-    )
-    _require(
-        group["projection_step_size"] > 0,
-        f"projection_step_size must be > 0, got {group['projection_step_size']}",
-    )
-    _require(
-        group["projection_tol"] >= 0, f"projection_tol must be >= 0, got {group['projection_tol']}"
-    )
-    memory = group["anderson_memory"]
-    _require(
-        isinstance(memory, int) and memory >= 1,
-        f"anderson_memory must be an int >= 1, got {memory}",
-    )
+    for key in ("projection_steps", "anderson_memory"):
+        value = group[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{key} must be an int >= 1, got {type(value).__name__} {value!r}")
+        _require(value >= 1, f"{key} must be an int >= 1, got {value}")
+    _require_number(group, "projection_step_size", "projection_step_size", positive=True)
+    _require_number(group, "projection_tol", "projection_tol")
     _require(
         group["on_nonfinite"] in NONFINITE_POLICIES,
         f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {group['on_nonfinite']!r}",
     )
+    bound = group["max_update"]
+    if bound is not None:
+        _require_number(group, "max_update", "max_update", positive=True)
 
 
 def _gradient_norm(grads: list[Tensor]) -> list[Tensor]:
@@ -139,6 +175,7 @@ class _Landscape:
         self.sign = -1.0 if settings["maximize"] else 1.0
         self.scale = float(settings["loss_scale"])
         self.process_group = process_group
+        self.first_grad_sq = math.nan  # ‖∇f(θ)‖², known after the first call
 
     @property
     def calls(self) -> int:
@@ -172,6 +209,8 @@ class _Landscape:
         value *= self.sign
         value += sum(0.5 * d * norm_sq for d, norm_sq in zip(decays, host[1:], strict=False))
         values = host[1 + len(decays) :]
+        if self.calls == 1:
+            self.first_grad_sq = values[0] if values else math.nan
         if not all(map(math.isfinite, values)):
             raise _NonFinite(f"non-finite gradient at closure call {self.calls}")
         return _Evaluated(loss, value * self.scale, grads, values)
@@ -309,14 +348,21 @@ class RBO(Optimizer):
 
     Args:
         params: parameters or param groups, as for any torch.optim optimizer.
-        lr: η, the tangent step of the ball centre (per group).
+        lr: η, the tangent step of the ball centre (per group). The defaults (lr=1e-3,
+            radius=1) are safe, not fast: start from the learning rate SGD trains well with
+            (at the first step RBO moves by about (η + ρ/s)‖g‖, SGD by η‖g‖), e.g. 0.05 with
+            momentum=0.9, and a radius of the order of that step, e.g. 0.1.
         radius: ρ >= 0, the ball's radius; one ball, so every group holds the same radius.
-            `radius=0` is exactly torch.optim.SGD (one closure call per step).
+            `radius=0` is exactly torch.optim.SGD (one closure call per step, and `step()`
+            without a closure takes SGD's step on the gradients already in `.grad`).
         projection: "anderson" (accelerated, default) or "gd" (the authors' scheme).
         projection_steps: K, the most projection trial points per step (a step costs at most
             1 + K closure calls; gd: K iterations, K calls); when K runs out the solver still
             takes the step its last evaluation points to, unevaluated (`blind_step`).
-        projection_step_size: γ, the step of the fixed-point iteration x ← x − γ r(x).
+        projection_step_size: γ, the step of the fixed-point iteration x ← x − γ r(x); "gd"
+            is stable only while γ(1 + ‖∇f‖²) < 2 (the default γ = 1 suits Anderson, whose
+            safeguard rejects bad trial points; gd with a steep loss needs a smaller γ, and a
+            divergence it causes is refused with this condition in the message).
         projection_tol: stop when ‖r(x)‖ <= tol·‖r(θ)‖; 0 runs all K iterations. The
             defaults (K = 2, tol = 1e-4, m = 1: 3 closure calls) come from the cost frontier in
             docs/results.md; K = 20 with m = 5 is the converged projection.
@@ -331,6 +377,12 @@ class RBO(Optimizer):
             allocations; `opt.workspace.clear()` releases them.
         on_nonfinite: "raise" (FloatingPointError) or "skip" the step; either way the
             parameters are left bit-for-bit as they were before the step.
+        max_update: None, or the most the parameters may move in one step: an update
+            d = θ_new − θ longer than it is shortened to θ + (max_update/‖d‖) d, over all
+            groups (`last_stats["update_bounded"]`). It is what gradient clipping does for
+            SGD; clipping inside the closure breaks RBO (the gradients are then not the
+            loss's, and the projection cannot find the contact point). The momentum buffer
+            keeps the full v.
         process_group: under torch.distributed, the group over which the closure's loss is
             averaged (one scalar all-reduce per closure call); by default the default group
             when torch.distributed is initialised with more than one process.
@@ -342,13 +394,22 @@ class RBO(Optimizer):
             only the first closure call of a step updates them, as one SGD step would.
 
     `step(closure)` returns the closure's loss at the starting point; `last_stats` holds the
-    step's figures: grad_evals (closure calls), projection_steps, residual (‖r‖ relative to
-    ‖r(θ)‖), converged, safeguard_steps, skipped, loss. A step that did not happen (a
-    non-finite value, or an exception raised by the closure) has skipped=True and counts
-    the closure calls it spent. RBO sets the gradients to None before every closure call.
-    If the relative residual stays above 0.5 on more than half of the last 20 steps, RBO
-    warns once (`ProjectionWarning`); projection_tol=0 (a fixed K, as in the authors' code)
-    turns the watch off.
+    step's figures, the same keys (`STATS_KEYS`) after every step, skipped or not:
+    grad_evals (closure calls), projection_steps (trial points), residual (‖r‖ relative to
+    ‖r(θ)‖; 0 at radius 0, NaN when skipped), converged, safeguard_steps (trial points
+    rejected), blind_step (the step ended with the unevaluated step of the last
+    evaluation), skipped, loss (at the starting point; NaN when unknown) and update_bounded
+    (max_update shortened the update). A step that did not happen (a non-finite value, or
+    an exception raised by the closure) has skipped=True and counts the closure calls it
+    spent. RBO sets the gradients to None before every closure call, and after a step at
+    radius > 0 (the last call's `.grad` is a trial point's gradient or a residual, not the
+    gradient at the new θ); at radius 0 `.grad` keeps ∇f(θ) = κ(±∇loss + λθ).
+    If the relative residual stays above 0.5 (and the residual above 1% of the centre's offset
+    ‖θ − θ̃‖) on more than half of the last 20 steps, RBO warns once (`ProjectionWarning`);
+    that step spends 3 more closure calls testing the closure's gradient against its loss,
+    to name clipping when it is not the loss's. projection_tol=0 (a fixed K, as in the
+    authors' code) turns the watch off. `closure_call` is the number of the closure call
+    running now (1 at θ), 0 outside a step.
     """
 
     def __init__(
@@ -366,6 +427,7 @@ class RBO(Optimizer):
         maximize: bool = False,
         anderson_memory: int = defaults.ANDERSON_MEMORY,
         on_nonfinite: str = "raise",
+        max_update: float | None = None,
         process_group: Any = None,
         fixed_randomness: bool = True,
         model: nn.Module | None = None,
@@ -383,6 +445,7 @@ class RBO(Optimizer):
             maximize=maximize,
             anderson_memory=anderson_memory,
             on_nonfinite=on_nonfinite,
+            max_update=max_update,
         )
         _validate_group(defaults)
         super().__init__(params, defaults)
@@ -394,6 +457,8 @@ class RBO(Optimizer):
         self.last_stats: dict[str, Any] = {}
         self._poor_steps: deque[bool] = deque(maxlen=POOR_WINDOW)
         self._warned = False
+        self._poor = False  # the last step's projection ended far from its contact point
+        self._caller: StepClosure | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -402,6 +467,28 @@ class RBO(Optimizer):
         for p in group["params"]:
             if torch.is_complex(p):
                 raise ValueError("RBO does not support complex parameters")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("max_update", None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch.optim's load, refusing first a state dict that is not RBO's (its param groups
+        lack RBO's settings: another optimizer's) or whose settings RBO refuses."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise ValueError("not an optimizer state dict: it has no list of param_groups")
+        for group in groups:
+            missing = [key for key in STATE_KEYS if key not in group]
+            if missing:
+                raise ValueError(
+                    "not an RBO state dict: its param groups lack "
+                    f"{', '.join(missing)} (it was saved by another optimizer, e.g. "
+                    "torch.optim.SGD); load only what RBO.state_dict() saved, or start RBO afresh"
+                )
+            _validate_group({"max_update": None, **group})
+        super().load_state_dict(state_dict)
 
     def _shared_settings(self) -> dict[str, Any]:
         """The settings of the one ball, checked to be the same in every group."""
@@ -444,13 +531,20 @@ class RBO(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Any:
-        """One RBO step on the closure's minibatch; returns the loss at the starting point."""
-        if closure is None:
-            raise RuntimeError(
-                "RBO needs a closure: step(closure) where closure() runs forward and backward "
-                "on one minibatch and returns the loss"
-            )
+        """One RBO step on the closure's minibatch; returns the loss at the starting point.
+
+        At `radius=0` the closure may be left out: the step is then torch.optim.SGD's on the
+        gradients already in `.grad` and returns None."""
         settings = self._shared_settings()
+        if closure is None:
+            if settings["radius"] != 0:
+                raise RuntimeError(
+                    "RBO needs a closure at radius > 0: step(closure) where closure() runs "
+                    "forward and backward on one minibatch and returns the loss, because a "
+                    "step evaluates the loss and its gradient at up to 1 + projection_steps "
+                    "points (at radius=0 step() uses the gradients already in .grad, as SGD)"
+                )
+            return self._sgd_step_from_grads(settings)
         groups = self.param_groups
         params = [[p for p in group["params"] if p.requires_grad] for group in groups]
         if self.model is not None:
@@ -460,65 +554,202 @@ class RBO(Optimizer):
         landscape = _Landscape(caller, groups, params, settings, self._resolved_process_group())
         snapshot = self.workspace.copy(_flat(params)) if settings["radius"] else None
         loss: Any = None
+        slope_ratio: float | None = None
+        self._caller = caller
         try:
             first = landscape.evaluate()
             loss, active = first.loss, landscape.params
             directions = self._tangent_directions(active, first.grads)
             if settings["radius"] == 0:
-                for group, group_params, v in zip(groups, active, directions, strict=True):
-                    torch._foreach_add_(group_params, v, alpha=-group["lr"])
-                stats = {
-                    "projection_steps": 0,
-                    "safeguard_steps": 0,
-                    "residual": 0.0,
-                    "converged": True,
-                    "blind_step": False,
-                }
+                bounded = self._sgd_update(settings, active, directions)
+                stats = _sgd_stats()
             else:
                 stats = self._roll(landscape, settings, active, first, directions)
+                bounded = self._bound_update(settings, _flat(active), snapshot)
+                if settings["projection_tol"] and self._watch_projection():  # tol 0: fixed K
+                    slope_ratio = self._gradient_check(landscape)
         except BaseException as error:  # a bad value, a bad closure, Ctrl-C: nothing is lost
             if snapshot is not None:
                 copy_(_flat(params), snapshot)
             if isinstance(error, _NonFinite):
-                return self._skip_or_raise(error, settings["on_nonfinite"], landscape.calls, loss)
+                message = str(error)
+                if settings["projection"] == "gd" and landscape.calls > 1:
+                    gamma = settings["projection_step_size"]
+                    product = gamma * (1.0 + landscape.first_grad_sq)
+                    message += _GD_HINT.format(gamma=gamma, product=product)
+                return self._skip_or_raise(message, settings["on_nonfinite"], landscape.calls, loss)
             self._refused(landscape.calls, loss)
             raise
         finally:
+            self._caller = None
             caller.finish()
-            if snapshot is not None:
+            if snapshot is not None:  # radius > 0: `.grad` holds a trial point's or a residual
                 self.workspace.give(snapshot)
+                for p in _flat(params):
+                    p.grad = None
         self._commit_momentum(groups, active, directions)
-        counters = self._counters
-        counters["steps"] += 1
-        counters["grad_evals"] += landscape.calls
+        self._count_step(landscape.calls)
         self.last_stats = {
             **stats,
             "grad_evals": landscape.calls,
             "skipped": False,
             "loss": _as_float(loss),
+            "update_bounded": bounded,
         }
-        if settings["radius"] and settings["projection_tol"]:  # tol 0: a fixed K, by request
-            self._watch_projection(stats["residual"])
+        if slope_ratio is not None:
+            self._warn_poor_projection(slope_ratio)
         return loss
 
-    def _watch_projection(self, residual: float) -> None:
-        """Warn once when most recent steps ended far from their contact point."""
-        self._poor_steps.append(not residual <= POOR_RESIDUAL)
+    @property
+    def closure_call(self) -> int:
+        """The number of the closure call running now within a step (1 at the step's starting
+        point θ, more at the projection's trial points), 0 outside a step."""
+        return 0 if self._caller is None else self._caller.calls
+
+    def _count_step(self, calls: int) -> None:
+        counters = self._counters
+        counters["steps"] += 1
+        counters["grad_evals"] += calls
+
+    def _sgd_update(
+        self, settings: dict[str, Any], params: list[list[Tensor]], directions: list[list[Tensor]]
+    ) -> bool:
+        """θ ← θ − η v per group, the whole update shortened to max_update if it is longer;
+        returns whether it was."""
+        scale = 1.0
+        if settings["max_update"] is not None:
+            norm_sq = sum(
+                group["lr"] ** 2 * squared_norm(v)
+                for group, v in zip(self.param_groups, directions, strict=True)
+            )
+            scale = _shortening(math.sqrt(norm_sq), settings["max_update"])
+        for group, group_params, v in zip(self.param_groups, params, directions, strict=True):
+            torch._foreach_add_(group_params, v, alpha=-group["lr"] * scale)
+        return scale < 1.0
+
+    def _bound_update(
+        self, settings: dict[str, Any], params: list[Tensor], start: list[Tensor] | None
+    ) -> bool:
+        """With max_update: θ ← θ₀ + min(1, max_update/‖d‖) d, d = θ − θ₀ the step's update
+        (what `optax.clip_by_global_norm` does to an optax update); returns whether the
+        update was shortened."""
+        bound = settings["max_update"]
+        if bound is None or start is None:
+            return False
+        update = self.workspace.copy(params)
+        torch._foreach_sub_(update, start)
+        scale = _shortening(math.sqrt(squared_norm(update)), bound)
+        if scale < 1.0:
+            copy_(params, start)
+            torch._foreach_add_(params, update, alpha=scale)
+        self.workspace.give(update)
+        return scale < 1.0
+
+    def _sgd_step_from_grads(self, settings: dict[str, Any]) -> None:
+        """radius=0 without a closure: SGD's step on the `.grad` tensors, which it leaves as
+        they are (the landscape's gradient κ(±g + λθ) is formed out of place when it differs)."""
+        params, grads = [], []
+        for group in self.param_groups:
+            group_params = [p for p in group["params"] if p.grad is not None]
+            group_grads = []
+            for p in group_params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        "RBO does not support sparse gradients, at any radius (the ball's "
+                        "geometry needs dense ones): use nn.Embedding(..., sparse=False)"
+                    )
+                g = p.grad if not settings["maximize"] else -p.grad
+                if group["weight_decay"]:
+                    g = g.add(p, alpha=group["weight_decay"])
+                if settings["loss_scale"] != 1.0:
+                    g = g.mul(settings["loss_scale"])
+                group_grads.append(g)
+            params.append(group_params)
+            grads.append(group_grads)
+        if not math.isfinite(squared_norm(_flat(grads))):
+            policy = settings["on_nonfinite"]
+            return self._skip_or_raise("non-finite gradient in .grad", policy, 0, None)
+        directions = self._tangent_directions(params, grads)
+        bounded = self._sgd_update(settings, params, directions)
+        self._commit_momentum(self.param_groups, params, directions)
+        self._count_step(0)
+        self.last_stats = {
+            **_sgd_stats(),
+            "grad_evals": 0,
+            "skipped": False,
+            "loss": math.nan,
+            "update_bounded": bounded,
+        }
+        return None
+
+    def _watch_projection(self) -> bool:
+        """Whether to warn now: once, when most recent steps ended far from their contact
+        point (`POOR_RESIDUAL`, `POOR_OFFSET`)."""
+        self._poor_steps.append(self._poor)
         poor = sum(self._poor_steps)
-        if self._warned or len(self._poor_steps) < POOR_WINDOW or 2 * poor <= POOR_WINDOW:
-            return
+        return not (self._warned or len(self._poor_steps) < POOR_WINDOW or 2 * poor <= POOR_WINDOW)
+
+    def _gradient_check(self, landscape: _Landscape) -> float:
+        """The closure's slope along its own gradient at θ over ‖∇f(θ)‖, 1 for a true gradient:
+        (f(θ + εĝ) − f(θ − εĝ)) / (2ε‖∇f‖), ĝ = ∇f/‖∇f‖, ε = √eps·max(1, |f|)/‖∇f‖ (three
+        closure calls, θ restored bit for bit); NaN when a value is not finite or ∇f = 0."""
+        params = _flat(landscape.params)
+        start = self.workspace.copy(params)
+        grads: list[Tensor] = []
+        try:
+            at = landscape.evaluate()
+            norm = math.sqrt(at.grad_sq)
+            if norm == 0:
+                return math.nan
+            grads = self.workspace.copy(_flat(at.grads))  # `.grad` may be reused (DDP views)
+            eps = math.sqrt(torch.finfo(params[0].dtype).eps) * max(1.0, abs(at.value)) / norm
+            values = []
+            for sign in (1.0, -1.0):
+                copy_(params, start)
+                torch._foreach_add_(params, grads, alpha=sign * eps / norm)
+                values.append(landscape.evaluate().value)
+            return (values[0] - values[1]) / (2 * eps * norm)
+        except _NonFinite:
+            return math.nan
+        finally:
+            copy_(params, start)
+            self.workspace.give(start)
+            if grads:
+                self.workspace.give(grads)
+
+    def _warn_poor_projection(self, slope_ratio: float) -> None:
+        """The warning, with the causes that fit and for each the setting that changes it."""
         self._warned = True
+        poor = sum(self._poor_steps)
+        if math.isnan(slope_ratio):
+            gradient = "The test of the closure's gradient met a non-finite value. Likely causes: "
+        elif 1 / GRADIENT_RATIO <= slope_ratio <= GRADIENT_RATIO:
+            gradient = (
+                f"The closure's gradient matches its loss (slope ratio {slope_ratio:.3g}, "
+                "1 for a true gradient), so the likely causes are: "
+            )
+        else:
+            gradient = (
+                "The closure's gradient is not the gradient of its loss: along it the loss "
+                f"changes at {slope_ratio:.3g} times the rate ‖∇f‖ gives (1 for a true "
+                "gradient). Gradient clipping (clip_grad_norm_, clip_grad_value_) or any "
+                "rescaling of .grad in the closure does this (and so does cause 1 below): "
+                "remove it, and bound the step with RBO(max_update=...) instead. Other causes: "
+            )
         warnings.warn(
-            f"RBO: on {poor} of the last {POOR_WINDOW} steps the projection ended with a "
-            f"relative residual above {POOR_RESIDUAL} (last_stats['residual']), so the "
-            "ball's steps are not the ones the radius describes. Likely causes: Dropout or "
-            "random augmentation in the closure with fixed_randomness=False; a closure that "
-            "does not recompute the loss on the same minibatch at every call; bfloat16 or "
-            "float16 round-off with a small projection_tol (use 1e-2 or more); a radius too "
-            "large for the landscape (lower radius or lr, or raise projection_steps). "
+            f"RBO: on {poor} of the last {POOR_WINDOW} steps the projection removed less "
+            f"than half of the residual it started from (last_stats['residual'] > "
+            f"{POOR_RESIDUAL}), so the ball's steps are not the ones the radius describes. "
+            f"{gradient}"
+            "(1) a closure whose loss changes from call to call within a step: it must "
+            "recompute the loss on the same minibatch at every call, and draw Dropout masks "
+            "and random augmentations from torch's generator with fixed_randomness=True "
+            "(the default); (2) a radius too large for the landscape at this budget: lower "
+            "radius, to the order of the step lr·‖g‖ (e.g. lr=0.05, momentum=0.9, "
+            "radius=0.1). The test cost 3 closure calls, counted in last_stats['grad_evals']. "
             "This warning is shown once.",
             ProjectionWarning,
-            stacklevel=5,  # the caller of step, past torch's no_grad and profiling wrappers
+            stacklevel=_caller_level(),
         )
 
     def _refused(self, calls: int, loss: Any) -> None:
@@ -530,11 +761,13 @@ class RBO(Optimizer):
             "safeguard_steps": 0,
             "residual": math.nan,
             "converged": False,
+            "blind_step": False,
             "skipped": True,
             "loss": math.nan if loss is None else _as_float(loss),
+            "update_bounded": False,
         }
 
-    def _skip_or_raise(self, error: _NonFinite, policy: str, calls: int, loss: Any) -> Any:
+    def _skip_or_raise(self, error: str, policy: str, calls: int, loss: Any) -> Any:
         """Count a refused step (the parameters are already restored) and raise or skip it."""
         self._refused(calls, loss)
         if policy == "raise":
@@ -650,6 +883,8 @@ class RBO(Optimizer):
         problem.release_grads()
         norm = result.initial_norm
         relative = result.final_norm / norm if norm > 0 else 0.0
+        offset = POOR_OFFSET * math.sqrt(centre.offset_sq)
+        self._poor = not (relative <= POOR_RESIDUAL or result.final_norm <= offset)
         return {
             "projection_steps": result.steps,
             "safeguard_steps": result.safeguard_steps,
@@ -657,6 +892,57 @@ class RBO(Optimizer):
             "converged": relative <= settings["projection_tol"],
             "blind_step": result.blind_step,
         }
+
+
+def _sgd_stats() -> dict[str, Any]:
+    """The projection's figures of a step at radius 0, which has no projection."""
+    return {
+        "projection_steps": 0,
+        "safeguard_steps": 0,
+        "residual": 0.0,
+        "converged": True,
+        "blind_step": False,
+    }
+
+
+def _shortening(norm: float, bound: float) -> float:
+    """min(1, bound/‖d‖): the factor that brings an update d of norm ‖d‖ within the bound."""
+    return bound / norm if norm > bound else 1.0
+
+
+# Modules whose frames a warning skips to reach the code that called `step`: RBO's own,
+# torch's wrappers of `step` (no_grad, profiling, LR schedulers' counting) and Lightning's.
+_WRAPPER_MODULES = (
+    "rollingball.optim",
+    "rollingball.integrations",
+    "torch",
+    "lightning",
+    "pytorch_lightning",
+    "contextlib",
+    "functools",
+)
+
+
+def _caller_level() -> int:
+    """The `stacklevel` that makes a warning issued by the function calling this one point at
+    the first frame outside `_WRAPPER_MODULES`: the user's `step` call (or `trainer.fit`)."""
+    frame = sys._getframe(2)
+    level = 2
+    while frame.f_back is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not any(name == m or name.startswith(m + ".") for m in _WRAPPER_MODULES):
+            break
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+_GD_HINT = (
+    "; projection='gd' iterates x ← x − γ r(x), which is stable only while "
+    "γ(1 + ‖∇f‖²) < 2 near the contact point, and γ = projection_step_size = {gamma} "
+    "(γ(1 + ‖∇f(θ)‖²) = {product:.3g} at this step's start): lower projection_step_size below "
+    "2/(1 + ‖∇f‖²) or use projection='anderson', which needs no step size"
+)
 
 
 def _many_small_tensors(params: list[Tensor]) -> bool:
