@@ -4,6 +4,8 @@ reverse; every import in a module counts, those inside functions included."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,14 @@ FORBIDDEN = {
     "rollingball.diagnostics": ["rollingball.experiments", "rollingball.landscape"],
     "rollingball.experiments": ["rollingball.cli"],
     "rollingball.optax": ["rollingball.optim", "rollingball.experiments", "rollingball.landscape"],
+    # the specification both frameworks share: nothing of rollingball but the defaults
+    "rollingball.spec": [
+        "rollingball.optim",
+        "rollingball.optax",
+        "rollingball.experiments",
+        "rollingball.landscape",
+        "rollingball.cli",
+    ],
 }
 
 
@@ -63,3 +73,12 @@ def test_the_checker_sees_an_import_inside_a_function(tmp_path):
     path = tmp_path / "module.py"
     path.write_text("def f():\n    from rollingball.experiments.data import load_data\n")
     assert "rollingball.experiments.data" in imports(path)
+
+
+def test_the_specification_imports_neither_torch_nor_jax():
+    code = (
+        "import sys, rollingball.spec, rollingball.defaults; "
+        "print(sorted(m for m in ('torch', 'jax', 'numpy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

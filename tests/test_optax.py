@@ -26,14 +26,7 @@ from torch import nn
 
 import rollingball
 from rollingball import RBO
-from rollingball.optax import (
-    ANDERSON_CONTRACTION,
-    ANDERSON_REGULARIZATION,
-    ANDERSON_TRUST,
-    RBOState,
-    rbo,
-)
-from rollingball.optim.projection import AndersonProjection
+from rollingball.optax import RBOState, rbo
 
 STATS = (
     "grad_evals",
@@ -56,9 +49,6 @@ def test_defaults_are_the_torch_rbo_defaults():
     for name, parameter in inspect.signature(rbo).parameters.items():
         torch_name = "lr" if name == "learning_rate" else name
         assert parameter.default == torch_defaults[torch_name].default, name
-    solver = AndersonProjection(1, 1.0, 0.0, 1)
-    ours = (ANDERSON_REGULARIZATION, ANDERSON_TRUST, ANDERSON_CONTRACTION)
-    assert ours == (solver.regularization, solver.trust, solver.contraction)
 
 
 # --- the same float64 MLP and batch in both frameworks ---

@@ -18,8 +18,6 @@ float32 or the widest parameter dtype, whichever is wider.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,18 +26,15 @@ import jax.numpy as jnp
 import optax
 
 from rollingball import defaults
+from rollingball.spec import (
+    ANDERSON_CONTRACTION,
+    ANDERSON_REGULARIZATION,
+    ANDERSON_TRUST,
+    validate,
+)
 
 Schedule = Callable[[jax.Array], Any]
 ScalarOrSchedule = float | Schedule
-
-SOLVERS = ("anderson", "gd")
-# The Anderson solver's ridge on its normal equations, relative to the largest ‖ΔP_j‖²
-# (`rollingball.optim.projection.AndersonProjection.regularization`).
-ANDERSON_REGULARIZATION = 1e-10
-# The blind last step's trust in the Gauss–Newton model (`AndersonProjection.trust`).
-ANDERSON_TRUST = 0.5
-# The blind step must be this much shorter than the last one (`AndersonProjection.contraction`).
-ANDERSON_CONTRACTION = 0.5
 
 
 class RBOState(NamedTuple):
@@ -62,67 +57,6 @@ class RBOState(NamedTuple):
     blind_step: jax.Array
     skipped: jax.Array
     update_bounded: jax.Array
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _require_number(value: Any, what: str, positive: bool = False) -> None:
-    """A finite int or float >= 0 (> 0 if `positive`), its type checked first, with the
-    messages of `rollingball.RBO`."""
-    bound = "> 0" if positive else ">= 0"
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        hint = "; pass float(...)" if isinstance(value, str) or hasattr(value, "shape") else ""
-        raise TypeError(
-            f"{what} must be a finite int or float {bound}, got {type(value).__name__} "
-            f"{value!r}{hint}"
-        )
-    number = float(value)
-    _require(
-        math.isfinite(number) and (number > 0 if positive else number >= 0),
-        f"{what} must be a finite number {bound}, got {value!r}",
-    )
-
-
-def _validate(
-    learning_rate: ScalarOrSchedule,
-    radius: ScalarOrSchedule,
-    projection: str,
-    projection_steps: int,
-    projection_step_size: float,
-    projection_tol: float,
-    momentum: float,
-    weight_decay: float,
-    loss_scale: float,
-    anderson_memory: int,
-    max_update: float | None,
-) -> None:
-    """Refuse hyperparameters that have no meaning, with the messages of `rollingball.RBO`:
-    a wrong type raises TypeError naming the type, a wrong value ValueError."""
-    if not callable(learning_rate):
-        _require_number(learning_rate, "learning rate (lr)")
-    if not callable(radius):
-        _require_number(radius, "radius")
-    _require_number(momentum, "momentum")
-    _require_number(weight_decay, "weight_decay")
-    _require_number(loss_scale, "loss_scale", positive=True)
-    _require(
-        projection in SOLVERS,
-        f"unknown projection solver {projection!r}; choose one of {SOLVERS}",
-    )
-    for name, value in (
-        ("projection_steps", projection_steps),
-        ("anderson_memory", anderson_memory),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
-        _require(value >= 1, f"{name} must be an int >= 1, got {value}")
-    _require_number(projection_step_size, "projection_step_size", positive=True)
-    _require_number(projection_tol, "projection_tol")
-    if max_update is not None:
-        _require_number(max_update, "max_update", positive=True)
 
 
 # --- pytree arithmetic: scalars accumulated in `acc`, leaves kept in their own dtype ---
@@ -534,18 +468,21 @@ def rbo(
     A non-finite loss or gradient at any evaluation gives a zero update, keeps the momentum
     and the step count, and sets `skipped` in the state.
     """
-    _validate(
-        learning_rate,
-        radius,
-        projection,
-        projection_steps,
-        projection_step_size,
-        projection_tol,
-        momentum,
-        weight_decay,
-        loss_scale,
-        anderson_memory,
-        max_update,
+    validate(
+        {
+            "lr": learning_rate,
+            "radius": radius,
+            "projection": projection,
+            "projection_steps": projection_steps,
+            "projection_step_size": projection_step_size,
+            "projection_tol": projection_tol,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "loss_scale": loss_scale,
+            "anderson_memory": anderson_memory,
+            "max_update": max_update,
+        },
+        schedules=("lr", "radius"),
     )
     projection_tol = float(projection_tol)
 

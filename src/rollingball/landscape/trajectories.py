@@ -5,7 +5,7 @@ SAM, ...) on a function of one parameter vector and records, for k = 0..steps: t
 parameters θ_k, the loss f(θ_k), the closure calls spent so far and, for RBO, the ball
 centre c_k = (θ_k − ρ g/s, f(θ_k) + ρ/s), s = √(1 + ‖g‖²), g = ∇f(θ_k), on the landscape
 RBO rolls on: κ(±f + λ/2 ‖θ‖²) with its loss scale κ, weight decay λ and the sign of
-`maximize` (`rollingball.landscape_definition`).
+`maximize` (`rollingball.spec`).
 The loss and gradient used for the record are evaluated outside the optimizer's closure and
 are not counted as its cost.
 """
@@ -19,9 +19,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from rollingball.landscape_definition import height, slope
 from rollingball.optim.geometry import ball_centre
 from rollingball.optim.rbo import RBO
+from rollingball.spec import height, slope
 
 __all__ = ["Trajectory", "trajectory"]
 

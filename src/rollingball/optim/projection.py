@@ -32,8 +32,12 @@ from rollingball.optim.geometry import (
     to_host,
 )
 from rollingball.optim.workspace import Workspace
-
-SOLVERS = ("anderson", "gd")
+from rollingball.spec import (
+    ANDERSON_CONTRACTION,
+    ANDERSON_REGULARIZATION,
+    ANDERSON_TRUST,
+    SOLVERS,
+)
 
 
 class NonFinite(Exception):
@@ -289,9 +293,9 @@ class AndersonProjection:
     step_size: float
     tol: float
     memory: int
-    regularization: float = 1e-10
-    trust: float = 0.5
-    contraction: float = 0.5
+    regularization: float = ANDERSON_REGULARIZATION
+    trust: float = ANDERSON_TRUST
+    contraction: float = ANDERSON_CONTRACTION
 
     def solve(self, problem: ProjectionProblem) -> ProjectionResult:
         workspace = problem.workspace

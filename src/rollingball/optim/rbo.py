@@ -14,7 +14,6 @@ loss scale and the sign is − when maximizing. `radius=0` is exactly torch.opti
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 import warnings
 from collections import deque
@@ -39,8 +38,9 @@ from rollingball.optim.geometry import (
     squared_norm_device,
     to_host,
 )
-from rollingball.optim.projection import SOLVERS, Evaluation, NonFinite, Reductions, make_solver
+from rollingball.optim.projection import Evaluation, NonFinite, Reductions, make_solver
 from rollingball.optim.workspace import Workspace
+from rollingball.spec import validate
 
 Closure = Callable[[], Any]
 
@@ -72,7 +72,6 @@ STATS_KEYS = (
 # The settings a state dict's param groups must hold to be RBO's (max_update may be absent:
 # state dicts saved before it existed load with no bound).
 STATE_KEYS = ("lr", "momentum", "weight_decay", *SHARED_SETTINGS[:-1])
-NONFINITE_POLICIES = ("raise", "skip")
 # The poor-projection warning: a step whose relative residual stays above POOR_RESIDUAL made
 # poor progress, unless its residual is below POOR_OFFSET times the centre's offset ‖θ − θ̃‖
 # (r(θ) shrinks with η, so as a schedule anneals η → 0 the relative residual measures
@@ -96,62 +95,6 @@ class ProjectionWarning(UserWarning):
 
 
 _NonFinite = NonFinite  # a closure call produced a non-finite loss or gradient
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _is_number(value: Any) -> bool:
-    """A real number RBO can compute with on the host: int or float (NumPy's too), not a
-    bool, a string or a tensor."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, Tensor))
-
-
-def _require_number(group: dict[str, Any], key: str, what: str, positive: bool = False) -> None:
-    """The setting `key` is a finite int or float >= 0 (> 0 if `positive`), checked by type
-    first so that the message names a wrong type rather than a value converted from it."""
-    value = group[key]
-    bound = "> 0" if positive else ">= 0"
-    if not _is_number(value):
-        hint = "; pass float(...)" if isinstance(value, (str, Tensor)) else ""
-        raise TypeError(
-            f"{what} must be a finite int or float {bound}, got {type(value).__name__} "
-            f"{value!r}{hint}"
-        )
-    _require(
-        math.isfinite(value) and (value > 0 if positive else value >= 0),
-        f"{what} must be a finite number {bound}, got {value!r}",
-    )
-
-
-def _validate_group(group: dict[str, Any]) -> None:
-    """Refuse hyperparameters that have no meaning, with the reason: a wrong type raises
-    TypeError naming the type, a wrong value ValueError."""
-    _require_number(group, "lr", "learning rate (lr)")
-    _require_number(group, "radius", "radius")
-    _require_number(group, "momentum", "momentum")
-    _require_number(group, "weight_decay", "weight_decay")
-    _require_number(group, "loss_scale", "loss_scale", positive=True)
-    _require(
-        group["projection"] in SOLVERS,
-        f"unknown projection solver {group['projection']!r}; choose one of {SOLVERS}",
-    )
-    for key in ("projection_steps", "anderson_memory"):
-        value = group[key]
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{key} must be an int >= 1, got {type(value).__name__} {value!r}")
-        _require(value >= 1, f"{key} must be an int >= 1, got {value}")
-    _require_number(group, "projection_step_size", "projection_step_size", positive=True)
-    _require_number(group, "projection_tol", "projection_tol")
-    _require(
-        group["on_nonfinite"] in NONFINITE_POLICIES,
-        f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {group['on_nonfinite']!r}",
-    )
-    bound = group["max_update"]
-    if bound is not None:
-        _require_number(group, "max_update", "max_update", positive=True)
 
 
 def _gradient_norm(grads: list[Tensor]) -> list[Tensor]:
@@ -447,7 +390,7 @@ class RBO(Optimizer):
             on_nonfinite=on_nonfinite,
             max_update=max_update,
         )
-        _validate_group(defaults)
+        validate(defaults)
         super().__init__(params, defaults)
         self._shared_settings()
         self.process_group = process_group
@@ -463,7 +406,7 @@ class RBO(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _validate_group(group)
+        validate(group)
         for p in group["params"]:
             if torch.is_complex(p):
                 raise ValueError("RBO does not support complex parameters")
@@ -487,7 +430,7 @@ class RBO(Optimizer):
                     f"{', '.join(missing)} (it was saved by another optimizer, e.g. "
                     "torch.optim.SGD); load only what RBO.state_dict() saved, or start RBO afresh"
                 )
-            _validate_group({"max_update": None, **group})
+            validate(group)
         super().load_state_dict(state_dict)
 
     def _shared_settings(self) -> dict[str, Any]:
@@ -501,7 +444,7 @@ class RBO(Optimizer):
                         f"got {first[key]!r} and {group[key]!r}"
                     )
         for group in self.param_groups:
-            _validate_group(group)
+            validate(group)
         return {key: first[key] for key in SHARED_SETTINGS}
 
     @property
