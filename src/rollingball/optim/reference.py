@@ -235,10 +235,10 @@ def _gd(problem: _Projection, budget: int, step_size: float, tol: float) -> _Out
     Stops when ‖r(x)‖ ≤ tol·‖r(θ)‖. With tol = 0 (the authors' code) ‖r‖ is looked at only at
     the first and the last iteration, as the fast solver does."""
     point = problem.start
-    initial = norm = _norm(point.residual)
+    initial = norm = _checked_norm(point.residual)
     for k in range(budget):
         r = point.residual
-        norm = _norm(r)
+        norm = _checked_norm(r)
         looks = tol > 0 or k in (0, budget - 1)
         if looks and norm <= tol * initial:
             return _Outcome(point.x, k, initial, norm)
@@ -299,7 +299,7 @@ def _anderson(
     taken unevaluated if `_blind_step_is_safe`."""
     point = problem.start
     p = point.newton()
-    initial = norm = _norm(point.residual)
+    initial = norm = _checked_norm(point.residual)
     history: list[tuple[Tensor, Tensor]] = []  # (ΔX_j, D_j), oldest first
     last: _LastStep | None = None  # the step to `point`, if the blind rule may judge it
     after_rejection = False
@@ -326,7 +326,7 @@ def _anderson(
         new_p = trial.newton()
         history.append((delta, new_p - p))
         point, p, after_rejection = trial, new_p, False
-        norm = _norm(point.residual)
+        norm = _checked_norm(point.residual)
     x, blind = point.x, False
     if norm > tol * initial and last is not None:
         delta = _anderson_step(history, p, step_size)
@@ -478,8 +478,12 @@ def _dot(a: Tensor, b: Tensor) -> float:
     return float(torch.dot(a.double(), b.double()))
 
 
-def _norm(a: Tensor) -> float:
-    return math.sqrt(_dot(a, a))
+def _checked_norm(r: Tensor) -> float:
+    """‖r‖; a non-finite one (an overflow) ends the step as a non-finite gradient does."""
+    norm = float(torch.linalg.vector_norm(r, dtype=torch.float64))
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"non-finite projection residual {norm}")
+    return norm
 
 
 def _float(loss: Any) -> float:
