@@ -337,16 +337,20 @@ def _anderson(
 
 def _anderson_step(history: list[tuple[Tensor, Tensor]], p: Tensor, step_size: float) -> Tensor:
     """δ = −ΔX α − γ (p − D α), α = (DᵀD + εI)⁻¹ Dᵀp, ε = RIDGE · max_i ‖D_i‖² (the plain
-    step −γ p without a history)."""
+    step −γ p without a history).
+
+    DᵀD and Dᵀp are taken in the parameters' dtype, as the fast solver takes them: their
+    round-off, amplified by the conditioning of the least squares, is the largest of a step
+    (which a float32 run of this function then shows)."""
     delta = -step_size * p
     if not history:
         return delta
     dx = torch.stack([pair[0] for pair in history], dim=1)
     d = torch.stack([pair[1] for pair in history], dim=1)
-    gram = d.double().T @ d.double()
+    gram, rhs = (d.T @ d).double(), (d.T @ p).double()
     ridge = RIDGE * float(gram.diagonal().max()) + RIDGE_FLOOR
     eye = torch.eye(len(history), dtype=torch.float64)
-    alpha = torch.linalg.solve(gram + ridge * eye, d.double().T @ p.double()).to(p.dtype)
+    alpha = torch.linalg.solve(gram + ridge * eye, rhs).to(p.dtype)
     return delta - dx @ alpha + step_size * (d @ alpha)
 
 
@@ -371,7 +375,7 @@ def _blind_step_is_safe(
     step_sq = _dot(delta, delta)
     if step_sq > CONTRACTION**2 * last.step_sq:
         return False
-    landed = point.u + delta  # u at x_K + δ
+    landed = point.u.double() + delta.double()  # u at x_K + δ, not rounded
     model = 0.5 * _dot(landed, landed) + 0.5 * (point.m + _dot(point.g, delta)) ** 2
     return model + 2 * error * math.sqrt(step_sq / last.step_sq) < point.phi
 
