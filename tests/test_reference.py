@@ -153,6 +153,7 @@ def compare(problem: dict[str, Any], dtype: torch.dtype) -> None:
     wide_buffers: dict[Tensor, Tensor] = {}
     for _ in range(STEPS):
         start = [p.detach().clone() for p in fast.parameters()]
+        before = [buffers.get(q) for q in slow.parameters()]
         try:
             fast_loss = opt.step(closure_of(fast, maximize))
         except FloatingPointError:  # a diverging iteration: not what this test is about
@@ -160,40 +161,46 @@ def compare(problem: dict[str, Any], dtype: torch.dtype) -> None:
         loss, stats = rbo_step(
             groups(slow), closure_of(slow, maximize), lr=lrs, momentum_buffers=buffers, **options
         )
-        for key in DECISIONS:
-            assert stats[key] == opt.last_stats[key], (key, stats, opt.last_stats)
+        decided = all(stats[key] == opt.last_stats[key] for key in DECISIONS)
+        if not decided:  # float64 decides far from its round-off, float32 may decide within it
+            on_round_off = dtype != torch.float64
+            on_round_off = on_round_off and _on_round_off(
+                problem, slow, start, before, opt.last_stats
+            )
+            assert on_round_off, (stats, opt.last_stats)
         assert float(loss.detach()) == float(fast_loss.detach())  # one closure at one θ
         assert stats["loss"] == opt.last_stats["loss"]
-        ends = [p.detach() for p in fast.parameters()]
-        error = _distance(ends, slow.parameters())
-        residual_error = abs(opt.last_stats["residual"] - stats["residual"])
-        size = max(float(t.abs().max()) for t in start) + _distance(ends, start)
-        if dtype == torch.float64:
-            # 5·10⁴ eps of the step's numbers: the Anderson least squares amplifies round-off
-            # by its conditioning (up to 4·10² eps measured on this range)
-            assert error <= 1e-11 * size, (error, size)
-            # ‖r‖/‖r(θ)‖, a small difference of vectors of the size of r(θ): relative 1e-7,
-            # and 10³ eps absolute
-            assert residual_error <= 1e-7 * stats["residual"] + 1e3 * torch.finfo(dtype).eps
-        else:
-            # float32: within 8 times the step's round-off: the reference's own float32 error
-            # (its distance to the float64 run from the same start) plus one rounding of x per
-            # move (2K + 2 moves at most, rejections going back included); for the residual
-            # ‖r‖/‖r(θ)‖ as many roundings of r, whose terms are of the size of r(θ). Measured
-            # on some 2,500 steps of this range: at most 3 times the round-off.
-            _, wide_stats = rbo_step(
-                groups(wide),
-                closure_of(wide, maximize),
-                lr=lrs,
-                momentum_buffers=wide_buffers,
-                **options,
-            )
-            own = _distance([p.detach() for p in slow.parameters()], wide.parameters())
-            own_residual = abs(stats["residual"] - wide_stats["residual"])
-            eps = torch.finfo(dtype).eps
-            moves = 2 * options["projection_steps"] + 2
-            assert error <= 8 * (own + moves * eps * size), (error, own, size)
-            assert residual_error <= 8 * (own_residual + moves * eps * (1 + stats["residual"]))
+        if decided:
+            ends = [p.detach() for p in fast.parameters()]
+            error = _distance(ends, slow.parameters())
+            residual_error = abs(opt.last_stats["residual"] - stats["residual"])
+            size = max(float(t.abs().max()) for t in start) + _distance(ends, start)
+            if dtype == torch.float64:
+                # 5·10⁴ eps of the step's numbers: the Anderson least squares amplifies round-off
+                # by its conditioning (up to 4·10² eps measured on this range)
+                assert error <= 1e-11 * size, (error, size)
+                # ‖r‖/‖r(θ)‖, a small difference of vectors of the size of r(θ): relative 1e-7,
+                # and 10³ eps absolute
+                assert residual_error <= 1e-7 * stats["residual"] + 1e3 * torch.finfo(dtype).eps
+            else:
+                # float32: within 8 times the step's round-off: the reference's own float32 error
+                # (its distance to the float64 run from the same start) plus one rounding of x per
+                # move (2K + 2 moves at most, rejections going back included); for the residual
+                # ‖r‖/‖r(θ)‖ as many roundings of r, whose terms are of the size of r(θ). Measured
+                # on some 2,500 steps of this range: at most 3 times the round-off.
+                _, wide_stats = rbo_step(
+                    groups(wide),
+                    closure_of(wide, maximize),
+                    lr=lrs,
+                    momentum_buffers=wide_buffers,
+                    **options,
+                )
+                own = _distance([p.detach() for p in slow.parameters()], wide.parameters())
+                own_residual = abs(stats["residual"] - wide_stats["residual"])
+                eps = torch.finfo(dtype).eps
+                moves = 2 * options["projection_steps"] + 2
+                assert error <= 8 * (own + moves * eps * size), (error, own, size)
+                assert residual_error <= 8 * (own_residual + moves * eps * (1 + stats["residual"]))
         with torch.no_grad():  # the next step starts from the fast path's state
             pairs = zip(fast.parameters(), slow.parameters(), wide.parameters(), strict=True)
             for p, q, w in pairs:
@@ -202,6 +209,37 @@ def compare(problem: dict[str, Any], dtype: torch.dtype) -> None:
                 if "momentum_buffer" in opt.state[p]:
                     buffers[q] = opt.state[p]["momentum_buffer"].clone()
                     wide_buffers[w] = opt.state[p]["momentum_buffer"].double()
+
+
+def _on_round_off(
+    problem: dict[str, Any],
+    model: nn.Module,
+    start: list[Tensor],
+    buffers: list[Tensor | None],
+    expected: dict[str, Any],
+) -> bool:
+    """Whether the reference takes the fast path's decisions from `start` moved by one ulp
+    (each coordinate by −1, 0 or +1 ulp, three tries): then the two differ on a decision that
+    round-off takes (float32 only: near a rule's threshold, within its round-off)."""
+    options, lrs = problem["options"], problem["lrs"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        probe = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, s in zip(probe.parameters(), start, strict=True):
+                ulps = torch.randint(-1, 2, s.shape, generator=generator).to(s.dtype)
+                p.copy_(s + ulps * _ulp(s))
+        momentum = {p: b for p, b in zip(probe.parameters(), buffers, strict=True) if b is not None}
+        closure = closure_of(probe, options["maximize"])
+        _, stats = rbo_step(groups(probe), closure, lr=lrs, momentum_buffers=momentum, **options)
+        if all(stats[key] == expected[key] for key in DECISIONS):
+            return True
+    return False
+
+
+def _ulp(t: Tensor) -> Tensor:
+    """The spacing of floats at each element of t."""
+    return torch.nextafter(t, torch.full_like(t, torch.inf)) - t
 
 
 def _distance(a: Iterable[Tensor], b: Iterable[Tensor]) -> float:
