@@ -283,7 +283,8 @@ def _judge(
     """The safeguard and the budget, in one place. A trial point whose φ exceeds φ(x_k) by
     more than round-off is rejected (the solver stays at x_k, forgets its history and takes
     the plain step next); a rejected plain step halves γ. The budget is K trial points,
-    rejected ones included."""
+    rejected ones included. A change to these rules (say, for a budget spent on rejections)
+    is made here; what follows a spent budget is the blind step (`_blind_step_is_safe`)."""
     accepted = not trial.phi > point.phi + problem.noise(trial)
     halved = not accepted and not accelerated
     return _Verdict(accepted, step_size / 2 if halved else step_size, evaluated < budget)
