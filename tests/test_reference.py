@@ -125,28 +125,33 @@ def problems(draw: st.DrawFn, single: bool = False) -> dict[str, Any]:
         "projection_step_size": draw(st.sampled_from([0.02, 0.05] if gd else [1.0, 0.5])),
         "projection_tol": draw(st.sampled_from(tols)),
         "anderson_memory": memory,
-        "momentum": draw(st.sampled_from([0.0, 0.5, 0.9])),
-        "weight_decay": draw(st.sampled_from([0.0, 0.01, 0.3])),
         "loss_scale": draw(st.sampled_from([1.0, 0.5] if gd else [1.0, 0.5, 2.0])),
         "maximize": draw(st.booleans()),
     }
     return {
         "kind": draw(st.sampled_from(sorted(LANDSCAPES))),
         "seed": draw(st.integers(0, 2**16)),
-        "lrs": [lr, lr * draw(st.sampled_from([1.0, 0.3]))],  # equal: u = (ρ/s + η) g unformed
         "options": options,
+        # per group; u = (ρ/s + η) g is left unformed when the rates are equal, μ = 0
+        "groups": {
+            "lr": [lr, lr * draw(st.sampled_from([1.0, 0.3]))],
+            "momentum": draw(st.lists(st.sampled_from([0.0, 0.5, 0.9]), min_size=2, max_size=2)),
+            "weight_decay": draw(st.sampled_from([[0.0, 0.0], [0.01, 0.01], [0.3, 0.0]])),
+        },
     }
 
 
 def compare(problem: dict[str, Any], dtype: torch.dtype) -> None:
     """Run the fast path and the reference from one start, step by step: the same decisions,
     and the same parameters and residual to round-off (see the two tests for the bounds)."""
-    options, lrs = problem["options"], problem["lrs"]
+    options, per_group = problem["options"], problem["groups"]
     fast = landscape(problem["kind"], problem["seed"], dtype)
     slow, wide = copy.deepcopy(fast), copy.deepcopy(fast).double()
     maximize = options["maximize"]
+    rows = zip(*per_group.values(), strict=True)
+    hyper = [dict(zip(per_group, row, strict=True)) for row in rows]  # one dict per group
     opt = RBO(
-        [{"params": group, "lr": lr} for group, lr in zip(groups(fast), lrs, strict=True)],
+        [{"params": group, **kept} for group, kept in zip(groups(fast), hyper, strict=True)],
         **options,
     )
     buffers: dict[Tensor, Tensor] = {}
@@ -159,7 +164,11 @@ def compare(problem: dict[str, Any], dtype: torch.dtype) -> None:
         except FloatingPointError:  # a diverging iteration: not what this test is about
             reject()
         loss, stats = rbo_step(
-            groups(slow), closure_of(slow, maximize), lr=lrs, momentum_buffers=buffers, **options
+            groups(slow),
+            closure_of(slow, maximize),
+            momentum_buffers=buffers,
+            **per_group,
+            **options,
         )
         decided = all(stats[key] == opt.last_stats[key] for key in DECISIONS)
         if not decided:  # float64 decides far from its round-off, float32 may decide within it
@@ -191,8 +200,8 @@ def compare(problem: dict[str, Any], dtype: torch.dtype) -> None:
                 _, wide_stats = rbo_step(
                     groups(wide),
                     closure_of(wide, maximize),
-                    lr=lrs,
                     momentum_buffers=wide_buffers,
+                    **per_group,
                     **options,
                 )
                 own = _distance([p.detach() for p in slow.parameters()], wide.parameters())
@@ -221,7 +230,7 @@ def _on_round_off(
     """Whether the reference takes the fast path's decisions from `start` moved by one ulp
     (each coordinate by −1, 0 or +1 ulp, three tries): then the two differ on a decision that
     round-off takes (float32 only: near a rule's threshold, within its round-off)."""
-    options, lrs = problem["options"], problem["lrs"]
+    options, per_group = problem["options"], problem["groups"]
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
         probe = copy.deepcopy(model)
@@ -231,7 +240,9 @@ def _on_round_off(
                 p.copy_(s + ulps * _ulp(s))
         momentum = {p: b for p, b in zip(probe.parameters(), buffers, strict=True) if b is not None}
         closure = closure_of(probe, options["maximize"])
-        _, stats = rbo_step(groups(probe), closure, lr=lrs, momentum_buffers=momentum, **options)
+        _, stats = rbo_step(
+            groups(probe), closure, momentum_buffers=momentum, **per_group, **options
+        )
         if all(stats[key] == expected[key] for key in DECISIONS):
             return True
     return False
@@ -252,8 +263,9 @@ def example_problem(kind: str, seed: int, lr: float, **options: Any) -> dict[str
     """A problem with Anderson's defaults but for `options`."""
     defaults = {"radius": 0.3, "projection": "anderson", "projection_steps": 2}
     defaults |= {"projection_step_size": 1.0, "projection_tol": 1e-6, "anderson_memory": 1}
-    defaults |= {"momentum": 0.0, "weight_decay": 0.0, "loss_scale": 1.0, "maximize": False}
-    return {"kind": kind, "seed": seed, "lrs": [lr, lr], "options": defaults | options}
+    defaults |= {"loss_scale": 1.0, "maximize": False}
+    per_group = {"lr": [lr, lr], "momentum": [0.0, 0.0], "weight_decay": [0.0, 0.0]}
+    return {"kind": kind, "seed": seed, "options": defaults | options, "groups": per_group}
 
 
 # Edges of the blind rule that a random draw seldom reaches: a trial point rejected just
