@@ -1,12 +1,13 @@
 """The fast RBO step (`rollingball.RBO`) against the reference step (`optim/reference.py`).
 
-The reference forms every vector (u, p₀, the blind step, the differences) and takes every
-inner product in float64 when it needs it; the fast path keeps u and p₀ as multiples,
-the blind step as a combination, gathers small gradients into flat buffers and batches its
-host transfers. Both must take the same decisions (closure calls, rejected trial points,
-blind steps, convergence) and reach the same parameters to round-off, over a hypothesis
-range of landscapes, radii, budgets, solvers, momentum, weight decay, loss scale, maximize,
-per-group learning rates and dtypes.
+The reference forms every vector (u, p₀, the blind step, the differences) and takes each
+inner product when it needs it; the fast path keeps u and p₀ as multiples, the blind step
+as a combination, gathers small gradients into flat buffers and batches its host
+transfers. Both must take the same decisions (closure calls, rejected trial points, blind
+steps, convergence) and reach the same parameters to round-off, over a hypothesis range of
+landscapes, radii, budgets, both solvers, loss scale, maximize, per-group learning rates,
+momentum and weight decay, in float64 and float32 (where a decision that round-off takes
+may differ: `_on_round_off`).
 
 Each step is compared from the same start: after a step the reference's parameters and
 momentum buffers are set to the fast path's, so that round-off does not compound through
