@@ -464,3 +464,19 @@ def test_a_first_newton_step_left_as_a_multiple_of_the_offset_gives_the_referenc
     rejected = sum(stats["safeguard_steps"] for stats in fast)
     assert (rejected >= 6) == (lr == 8.0)
     assert_same_parameters(model, twin, atol=1e-12)
+
+
+def test_the_reference_refuses_a_non_finite_loss_and_restores_the_parameters():
+    """A trial point where the loss is not finite ends the step: FloatingPointError, and the
+    parameters are those before the step, as with `RBO`'s on_nonfinite="raise"."""
+    w = torch.tensor([0.5, -0.25], dtype=torch.float64, requires_grad=True)
+    before = w.detach().clone()
+
+    def closure() -> Tensor:  # finite at θ only
+        loss = (w**2).sum() + (0.0 if torch.equal(w.detach(), before) else torch.inf)
+        loss.backward()
+        return loss
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        rbo_step([w], closure, lr=0.1, radius=0.3)
+    assert torch.equal(w.detach(), before)
