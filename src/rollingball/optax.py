@@ -30,6 +30,8 @@ from rollingball.spec import (
     ANDERSON_CONTRACTION,
     ANDERSON_REGULARIZATION,
     ANDERSON_TRUST,
+    RIDGE_FLOOR,
+    phi_noise,
     validate,
 )
 
@@ -129,10 +131,8 @@ class _Problem:
         return (value - self.start_value) - self.lift, grad, grad_sq, bad
 
     def phi_noise(self, mismatch: jax.Array, phi: jax.Array) -> jax.Array:
-        """Round-off level of φ: relative eps on φ itself and on the heights m is made of."""
-        value = mismatch + self.start_value + self.lift
-        heights = jnp.abs(value) + jnp.abs(self.start_value) + jnp.abs(self.lift)
-        return 4 * self.eps * (phi + jnp.abs(mismatch) * heights)
+        """φ's round-off level (`rollingball.spec.phi_noise`)."""
+        return phi_noise(mismatch, phi, self.start_value, self.lift, self.eps, jnp.abs)
 
 
 class _Outcome(NamedTuple):
@@ -393,9 +393,9 @@ def _blind_is_safe(
 
 
 def _smallest(acc: Any) -> jax.Array:
-    """The ridge's absolute floor: 1e-300 as in the torch solver, or the tiniest normal
-    number of `acc` where 1e-300 underflows."""
-    return jnp.maximum(jnp.asarray(1e-300, acc), jnp.finfo(acc).tiny)
+    """The ridge's absolute floor `RIDGE_FLOOR`, or the tiniest normal number of `acc` where
+    it underflows."""
+    return jnp.maximum(jnp.asarray(RIDGE_FLOOR, acc), jnp.finfo(acc).tiny)
 
 
 def _slot(ring: Any, j: jax.Array) -> Any:

@@ -27,6 +27,10 @@ ANDERSON_REGULARIZATION = 1e-10
 ANDERSON_TRUST = 0.5
 # The blind step must be this much shorter than the last one: ‖δ‖ ≤ contraction · ‖δ_last‖.
 ANDERSON_CONTRACTION = 0.5
+# The ridge's absolute floor, so that it is > 0 when every difference is zero.
+RIDGE_FLOOR = 1e-300
+# φ's round-off level, in units of the dtype's eps (`phi_noise`).
+PHI_NOISE = 4
 
 # The settings that are numbers: key, name in messages, whether it must be > 0 (else >= 0).
 _NUMBERS = (
@@ -98,6 +102,20 @@ def validate(settings: Mapping[str, Any], schedules: tuple[str, ...] = ()) -> No
             settings["on_nonfinite"] in NONFINITE_POLICIES,
             f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {settings['on_nonfinite']!r}",
         )
+
+
+def phi_noise(
+    mismatch: Any, phi: Any, start_value: Any, lift: Any, eps: float, absolute: Any = abs
+) -> Any:
+    """φ's round-off level at a point: relative eps on φ itself and on the heights f(x), f(θ)
+    and h = ỹ − f(θ) that the mismatch m = (f(x) − f(θ)) − h is made of,
+
+        4 eps (φ + |m| (|m + f(θ) + h| + |f(θ)| + |h|)),
+
+    for floats (`absolute=abs`) or arrays (`absolute=jnp.abs`). Changes of φ below it are
+    noise, not progress."""
+    heights = absolute(mismatch + start_value + lift) + absolute(start_value) + absolute(lift)
+    return PHI_NOISE * eps * (phi + absolute(mismatch) * heights)
 
 
 def height(

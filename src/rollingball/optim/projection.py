@@ -36,6 +36,7 @@ from rollingball.spec import (
     ANDERSON_CONTRACTION,
     ANDERSON_REGULARIZATION,
     ANDERSON_TRUST,
+    RIDGE_FLOOR,
     SOLVERS,
 )
 
@@ -498,7 +499,7 @@ class AndersonProjection:
     def _coefficients(self, gram: list[list[float]], newton_d: list[float]) -> list[float]:
         """α = (G + εI)⁻¹⟨D, p⟩, G the Gram matrix of the D's, ε = `regularization`·max
         G_ii; one difference (m = 1) by a division, which is what the 1 × 1 solve does."""
-        ridge = self.regularization * max(row[i] for i, row in enumerate(gram)) + 1e-300
+        ridge = self.regularization * max(row[i] for i, row in enumerate(gram)) + RIDGE_FLOOR
         if len(gram) == 1:
             return [newton_d[0] / (gram[0][0] + ridge)]
         rhs = np.array(newton_d, dtype=np.float64)

@@ -40,7 +40,7 @@ from rollingball.optim.geometry import (
 )
 from rollingball.optim.projection import Evaluation, NonFinite, Reductions, make_solver
 from rollingball.optim.workspace import Workspace
-from rollingball.spec import validate
+from rollingball.spec import phi_noise, validate
 
 Closure = Callable[[], Any]
 
@@ -280,10 +280,8 @@ class _Projection:
         self.grads = []
 
     def phi_noise(self, mismatch: float, phi: float) -> float:
-        """Relative round-off on φ itself and on the heights the mismatch is made of."""
-        value = mismatch + self.start_value + self.lift
-        heights = abs(value) + abs(self.start_value) + abs(self.lift)
-        return 4 * self.eps * (phi + abs(mismatch) * heights)
+        """φ's round-off level (`rollingball.spec.phi_noise`)."""
+        return phi_noise(mismatch, phi, self.start_value, self.lift, self.eps)
 
 
 class RBO(Optimizer):

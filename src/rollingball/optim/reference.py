@@ -32,14 +32,14 @@ from torch import Tensor
 
 from rollingball import defaults
 from rollingball.optim.closure import StepClosure
-from rollingball.optim.projection import SOLVERS, AndersonProjection
-
-# The Anderson solver's constants, from the fast solver's definition.
-RIDGE = AndersonProjection.regularization  # ε = RIDGE · max_i ⟨D_i, D_i⟩ in the normal equations
-TRUST = AndersonProjection.trust  # blind rule 1: the model's error within TRUST · its decrease
-CONTRACTION = AndersonProjection.contraction  # blind rule 2: ‖δ‖ ≤ CONTRACTION · ‖δ_last‖
-RIDGE_FLOOR = 1e-300  # ε > 0 when every difference is zero (projection.py adds the same)
-NOISE = 4  # φ's round-off level is NOISE · eps · (φ + |m| · the heights m is made of)
+from rollingball.spec import (
+    ANDERSON_CONTRACTION,
+    ANDERSON_REGULARIZATION,
+    ANDERSON_TRUST,
+    RIDGE_FLOOR,
+    SOLVERS,
+    phi_noise,
+)
 
 
 def rbo_step(
@@ -198,8 +198,7 @@ class _Projection:
     def noise(self, point: _Point) -> float:
         """φ's round-off level at a point: on φ itself and on the heights f(x), f(θ) and h
         that m = (f(x) − f(θ)) − h is made of."""
-        heights = abs(point.m + self.value + self.lift) + abs(self.value) + abs(self.lift)
-        return NOISE * self.eps * (point.phi + abs(point.m) * heights)
+        return phi_noise(point.m, point.phi, self.value, self.lift, self.eps)
 
 
 @dataclass
@@ -337,8 +336,8 @@ def _anderson(
 
 
 def _anderson_step(history: list[tuple[Tensor, Tensor]], p: Tensor, step_size: float) -> Tensor:
-    """δ = −ΔX α − γ (p − D α), α = (DᵀD + εI)⁻¹ Dᵀp, ε = RIDGE · max_i ‖D_i‖² (the plain
-    step −γ p without a history).
+    """δ = −ΔX α − γ (p − D α), α = (DᵀD + εI)⁻¹ Dᵀp, ε = ANDERSON_REGULARIZATION ·
+    max_i ‖D_i‖² + RIDGE_FLOOR (the plain step −γ p without a history).
 
     DᵀD and Dᵀp are taken in the parameters' dtype, as the fast solver takes them: their
     round-off, amplified by the conditioning of the least squares, is the largest of a step
@@ -349,7 +348,7 @@ def _anderson_step(history: list[tuple[Tensor, Tensor]], p: Tensor, step_size: f
     dx = torch.stack([pair[0] for pair in history], dim=1)
     d = torch.stack([pair[1] for pair in history], dim=1)
     gram, rhs = (d.T @ d).double(), (d.T @ p).double()
-    ridge = RIDGE * float(gram.diagonal().max()) + RIDGE_FLOOR
+    ridge = ANDERSON_REGULARIZATION * float(gram.diagonal().max()) + RIDGE_FLOOR
     eye = torch.eye(len(history), dtype=torch.float64)
     alpha = torch.linalg.solve(gram + ridge * eye, rhs).to(p.dtype)
     return delta - dx @ alpha + step_size * (d @ alpha)
@@ -361,9 +360,9 @@ def _blind_step_is_safe(
     """The blind last step δ from x_K is taken when
 
     1. the Gauss–Newton model φ̂(δ') = ½‖u + δ'‖² + ½(m + ⟨g, δ'⟩)² at x_{K−1} predicted
-       φ(x_K) for the last step δ' within TRUST · (its predicted decrease), which must exceed
-       round-off;
-    2. the iteration contracts: ‖δ‖ ≤ CONTRACTION · ‖δ'‖;
+       φ(x_K) for the last step δ' within ANDERSON_TRUST · (its predicted decrease), which
+       must exceed round-off;
+    2. the iteration contracts: ‖δ‖ ≤ ANDERSON_CONTRACTION · ‖δ'‖;
     3. the model at x_K, charged twice the last step's model error scaled by ‖δ‖/‖δ'‖, still
        predicts φ(x_K + δ) < φ(x_K).
     """
@@ -371,10 +370,10 @@ def _blind_step_is_safe(
     predicted = 0.5 * _dot(point.u, point.u) + 0.5 * (before.m + last.grad_step) ** 2
     decrease = before.phi - predicted
     error = abs(point.phi - predicted)
-    if not (decrease > problem.noise(point) and error <= TRUST * decrease):
+    if not (decrease > problem.noise(point) and error <= ANDERSON_TRUST * decrease):
         return False
     step_sq = _dot(delta, delta)
-    if step_sq > CONTRACTION**2 * last.step_sq:
+    if step_sq > ANDERSON_CONTRACTION**2 * last.step_sq:
         return False
     landed = point.u.double() + delta.double()  # u at x_K + δ, not rounded
     model = 0.5 * _dot(landed, landed) + 0.5 * (point.m + _dot(point.g, delta)) ** 2
