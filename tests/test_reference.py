@@ -480,3 +480,32 @@ def test_the_reference_refuses_a_non_finite_loss_and_restores_the_parameters():
     with pytest.raises(FloatingPointError, match="non-finite"):
         rbo_step([w], closure, lr=0.1, radius=0.3)
     assert torch.equal(w.detach(), before)
+
+
+@pytest.mark.parametrize("on_nonfinite", ["raise", "skip"])
+def test_a_mismatch_beyond_float32_range_is_a_non_finite_step(on_nonfinite):
+    # gd with γ(1 + ‖g‖²) far above 2 diverges on a float32 quadratic: at the second step a
+    # trial point's loss is finite but its height mismatch m is beyond float32's range, so
+    # r = u + m g overflows; the step is non-finite and the parameters stay where they were
+    model = landscape("quadratic", 3, torch.float32)
+    opt = RBO(
+        [{"params": g, "lr": 0.5} for g in groups(model)],
+        radius=0.05,
+        projection="gd",
+        projection_steps=3,
+        projection_step_size=0.1,
+        projection_tol=0.0,
+        weight_decay=0.3,
+        loss_scale=2.0,
+        on_nonfinite=on_nonfinite,
+    )
+    closure = closure_of(model, False)
+    opt.step(closure)
+    start = [p.detach().clone() for p in model.parameters()]
+    if on_nonfinite == "raise":
+        with pytest.raises(FloatingPointError, match="beyond the range of torch.float32"):
+            opt.step(closure)
+    else:
+        opt.step(closure)
+        assert opt.last_stats["skipped"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), start, strict=True))

@@ -154,7 +154,10 @@ def _newton_difference(
 
 
 def _form_residual(g: list[Tensor], u: list[Tensor], m: float) -> None:
-    """r = u + m g, written over g (one pass on the CPU)."""
+    """r = u + m g, written over g (one pass on the CPU). A mismatch m beyond the dtype's
+    range (a diverging float32 step) makes r non-finite: `NonFinite`, as a NaN would."""
+    if g and abs(m) > torch.finfo(g[0].dtype).max:
+        raise NonFinite(f"height mismatch {m:.3g} beyond the range of {g[0].dtype}")
     if plain_cpu(g):
         for r, x in zip(g, u, strict=True):
             torch.add(x, r, alpha=m, out=r)
