@@ -503,7 +503,7 @@ def test_a_mismatch_beyond_float32_range_is_a_non_finite_step(on_nonfinite):
     opt.step(closure)
     start = [p.detach().clone() for p in model.parameters()]
     if on_nonfinite == "raise":
-        with pytest.raises(FloatingPointError, match="beyond the range of torch.float32"):
+        with pytest.raises(FloatingPointError, match=r"beyond the range of torch\.float32"):
             opt.step(closure)
     else:
         opt.step(closure)
