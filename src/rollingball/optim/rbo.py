@@ -313,9 +313,10 @@ class RBO(Optimizer):
         radius: ρ >= 0, the ball's radius; one ball, so every group holds the same radius.
             `radius=0` is exactly torch.optim.SGD (one closure call per step).
         projection: "anderson" (accelerated, default) or "gd" (the authors' scheme).
-        projection_steps: K, the most projection trial points per step (a step costs at most
-            1 + K closure calls; gd: K iterations, K calls); when K runs out the solver still
-            takes the step its last evaluation points to, unevaluated (`blind_step`).
+        projection_steps: K, the projection trial points per step; each rejected trial point
+            adds one more, up to 2 (a step costs at most 1 + K + 2 closure calls; gd: K
+            iterations, K calls); when the budget runs out the solver still takes the step its
+            last evaluation points to, unevaluated (`blind_step`).
         projection_step_size: γ, the step of the fixed-point iteration x ← x − γ r(x).
         projection_tol: stop when ‖r(x)‖ <= tol·‖r(θ)‖; 0 runs all K iterations. The
             defaults (K = 2, tol = 1e-4, m = 1: 3 closure calls) come from the cost frontier in
@@ -343,7 +344,11 @@ class RBO(Optimizer):
 
     `step(closure)` returns the closure's loss at the starting point; `last_stats` holds the
     step's figures: grad_evals (closure calls), projection_steps, residual (‖r‖ relative to
-    ‖r(θ)‖), converged, safeguard_steps, skipped, loss. A step that did not happen (a
+    ‖r(θ)‖), converged, safeguard_steps, blind_step, skipped, loss, moved (whether the
+    parameters changed) and stall (why not: None when moved; "rejected", every trial point
+    raised φ, and the parameters are left bit-for-bit at θ; "stationary", θ already met the
+    projection tolerance, e.g. r(θ) = 0, or at radius 0 a zero step; "skipped"). A step that
+    did not happen (a
     non-finite value, or an exception raised by the closure) has skipped=True and counts
     the closure calls it spent. RBO sets the gradients to None before every closure call.
     If the relative residual stays above 0.5 on more than half of the last 20 steps, RBO
@@ -467,15 +472,21 @@ class RBO(Optimizer):
             if settings["radius"] == 0:
                 for group, group_params, v in zip(groups, active, directions, strict=True):
                     torch._foreach_add_(group_params, v, alpha=-group["lr"])
-                stats = {
+                moved = first.grad_sq > 0 or any(g["momentum"] for g in groups)
+                moved = moved and any(g["lr"] > 0 for g in groups)
+                stats: dict[str, Any] = {
                     "projection_steps": 0,
                     "safeguard_steps": 0,
                     "residual": 0.0,
                     "converged": True,
                     "blind_step": False,
+                    "moved": moved,
+                    "stall": None if moved else "stationary",
                 }
             else:
                 stats = self._roll(landscape, settings, active, first, directions)
+                if snapshot is not None and not stats["moved"]:  # x + δ − δ: undo round-off
+                    copy_(_flat(params), snapshot)
         except BaseException as error:  # a bad value, a bad closure, Ctrl-C: nothing is lost
             if snapshot is not None:
                 copy_(_flat(params), snapshot)
@@ -530,6 +541,8 @@ class RBO(Optimizer):
             "safeguard_steps": 0,
             "residual": math.nan,
             "converged": False,
+            "moved": False,
+            "stall": "skipped",
             "skipped": True,
             "loss": math.nan if loss is None else _as_float(loss),
         }
@@ -650,12 +663,15 @@ class RBO(Optimizer):
         problem.release_grads()
         norm = result.initial_norm
         relative = result.final_norm / norm if norm > 0 else 0.0
+        moved = result.moved
         return {
             "projection_steps": result.steps,
             "safeguard_steps": result.safeguard_steps,
             "residual": relative,
             "converged": relative <= settings["projection_tol"],
             "blind_step": result.blind_step,
+            "moved": moved,
+            "stall": None if moved else ("rejected" if result.steps else "stationary"),
         }
 
 
