@@ -92,8 +92,8 @@ def _hparams(task: str) -> tuple[dict[str, dict[str, Any]], dict[float, float]]:
 
 def cells(nets: Sequence[str] = tuple(NETS)) -> list[Cell]:
     out = []
-    for task in TASKS:
-        for net in nets:
+    for net in nets:  # one network after the other: a run cut short leaves whole networks
+        for task in TASKS:
             out += [Cell(task, net, name) for name in BASELINES]
             out += [
                 Cell(task, net, "rbo", radius, setting) for radius in RADII for setting in SETTINGS
