@@ -24,15 +24,18 @@ from torch import nn
 
 from rollingball import RBO
 from rollingball.optax import (
+    ANDERSON_BACKTRACK,
     ANDERSON_CONTRACTION,
+    ANDERSON_EXTENSION,
     ANDERSON_REGULARIZATION,
     ANDERSON_TRUST,
+    STALLS,
     RBOState,
     rbo,
 )
 from rollingball.optim.projection import AndersonProjection
 
-STATS = ("grad_evals", "projection_steps", "safeguard_steps", "converged", "blind_step")
+STATS = ("grad_evals", "projection_steps", "safeguard_steps", "converged", "blind_step", "moved")
 
 
 @pytest.fixture
@@ -47,8 +50,15 @@ def test_defaults_are_the_torch_rbo_defaults():
         torch_name = "lr" if name == "learning_rate" else name
         assert parameter.default == torch_defaults[torch_name].default, name
     solver = AndersonProjection(1, 1.0, 0.0, 1)
-    ours = (ANDERSON_REGULARIZATION, ANDERSON_TRUST, ANDERSON_CONTRACTION)
-    assert ours == (solver.regularization, solver.trust, solver.contraction)
+    ours = (
+        ANDERSON_REGULARIZATION, ANDERSON_TRUST, ANDERSON_CONTRACTION, ANDERSON_BACKTRACK,
+        ANDERSON_EXTENSION,
+    )  # fmt: skip
+    torch_solver = (
+        solver.regularization, solver.trust, solver.contraction, solver.backtrack,
+        solver.extension,
+    )  # fmt: skip
+    assert ours == torch_solver
 
 
 # --- the same float64 MLP and batch in both frameworks ---
@@ -81,7 +91,7 @@ def run_torch(options: dict, steps: int) -> tuple[dict, list[dict]]:
     stats = []
     for _ in range(steps):
         opt.step(closure)
-        stats.append({key: opt.last_stats[key] for key in STATS})
+        stats.append({key: opt.last_stats[key] for key in (*STATS, "stall")})
     return {name: p.detach().numpy() for name, p in model.named_parameters()}, stats
 
 
@@ -107,7 +117,8 @@ def run_jax(options: dict, steps: int, jit: bool) -> tuple[dict, list[dict], int
     stats = []
     for _ in range(steps):
         params, state = step(params, state, inputs, labels)
-        stats.append({key: tree_get(state, key).item() for key in STATS})
+        stall = STALLS[int(tree_get(state, "stall"))]
+        stats.append({key: tree_get(state, key).item() for key in STATS} | {"stall": stall})
     return params, stats, traces[0]
 
 
@@ -118,6 +129,8 @@ EQUALITY_CASES = {
     "momentum+decay": dict(
         lr=1.0, radius=1.0, projection_steps=4, momentum=0.9, weight_decay=1e-2, loss_scale=2.0
     ),
+    # rejected first trial points: γ shrinks by interpolation, the budget grows by up to 2
+    "rejections": dict(lr=16.0, radius=0.3),
 }
 
 
@@ -134,6 +147,9 @@ def test_equal_to_the_torch_rbo(x64, case, jit):
     assert traces == (1 if jit else 10)  # a jitted training step is traced and compiled once
     if case == "momentum+decay":
         assert any(s["blind_step"] for s in stats) and any(s["safeguard_steps"] for s in stats)
+    if case == "rejections":
+        assert max(s["grad_evals"] for s in stats) == 1 + 2 + 2  # K = 2 and 2 added
+    assert all(s["moved"] and s["stall"] is None for s in stats)
 
 
 # --- the authors' scheme, re-implemented from DESIGN §2 the way their code runs it ---
@@ -280,6 +296,7 @@ def test_non_finite_values_leave_the_parameters_unchanged():
         np.testing.assert_array_equal(a, b)
     # rbo refused the step itself: one trial point evaluated, momentum and count kept
     assert tree_get(state, "skipped") and tree_get(state, "grad_evals") == 2
+    assert not tree_get(state, "moved") and STALLS[int(tree_get(state, "stall"))] == "skipped"
     assert tree_get(state, "count") == 0 and math.isnan(tree_get(state, "residual"))
     assert all(not jnp.any(m) for m in jax.tree.leaves(tree_get(state, "momentum")))
     assert tree_get(state, "notfinite_count") == 0  # apply_if_finite saw a finite (zero) update

@@ -235,3 +235,24 @@ def test_torch_and_optax_show_the_same_statistics_in_float32():
         assert abs(torch_total - jax_total) <= 2, (key, torch_stats, jax_stats)
     assert all(s["moved"] for s in torch_stats) and all(s["moved"] for s in jax_stats)
     assert abs(math.log(torch_loss / jax_loss)) < math.log(2), (torch_loss, jax_loss)
+
+
+@pytest.mark.parametrize("radius", [0.0, 0.5])
+def test_last_stats_say_why_a_step_did_not_move(radius):
+    weight = nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = RBO([weight], lr=0.1, radius=radius, on_nonfinite="skip")
+    flat = [True]
+
+    def closure():
+        opt.zero_grad()
+        loss = (weight * 0.0).sum() if flat[0] else (weight**2).sum() * math.nan
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # g = 0: θ is its own contact point
+    assert not opt.last_stats["moved"] and opt.last_stats["stall"] == "stationary"
+    assert weight.tolist() == [1.0, -2.0]
+    flat[0] = False
+    opt.step(closure)  # a NaN loss, skipped
+    assert not opt.last_stats["moved"] and opt.last_stats["stall"] == "skipped"
+    assert weight.tolist() == [1.0, -2.0]
