@@ -1,7 +1,8 @@
 """RBO on a He-initialised ReLU MLP, torch and optax side by side: does every step move?
 
     python benchmarks/bench_relu_stall.py [--steps 8] [--batch 256] [--threads 1]
-        [--frameworks torch jax] [--rule current|halving]
+        [--frameworks torch jax] [--rule current|halving|...]
+    python benchmarks/bench_relu_stall.py --rules    # the rules side by side, torch, defaults
 
 MLP 784-1024-1024-10 (ReLU, float32), weights normal with std √(2/fan_in) and zero biases
 (He initialisation), one batch of 256 standard normal inputs with random labels, lr 0.1,
@@ -9,12 +10,14 @@ MLP 784-1024-1024-10 (ReLU, float32), weights normal with std √(2/fan_in) and 
 initial weights and batch in both frameworks. For SGD and RBO at several projection budgets it
 prints the loss at the start and after the steps (one more forward pass, not counted), the
 mean rejected trial points per step (`safeguard_steps`), the median relative residual, the
-closure calls of all steps, and the steps that left every parameter where it was ("still",
-found by comparing the parameters, independently of `last_stats`). `--rule halving` runs the
-projection's rule for rejected trial points that RBO had before: γ halved after a rejected
-plain step and no evaluation added to the budget (`AndersonProjection.backtrack = (0.5, 0.5)`,
-`extension = 0`; in optax `ANDERSON_BACKTRACK`, `ANDERSON_EXTENSION`), which on this MLP
-leaves the ball where it was on most steps.
+closure calls of all steps, and the steps that left the parameters where they were ("still":
+‖θ⁺ − θ‖ ≤ 1e-5‖θ‖, found from the parameters, independently of `last_stats`; a step that
+goes to a trial point and back, x + δ − δ, moves them by round-off only). `--rule` sets the
+projection's rule for rejected trial points (`RULES`: the bounds of the backtracking factor
+on γ after a rejected plain step, and the most evaluations that rejections add to the budget;
+`AndersonProjection.backtrack` and `.extension`, in optax `ANDERSON_BACKTRACK` and
+`ANDERSON_EXTENSION`): `halving` is RBO's rule before, which on this MLP leaves the ball where
+it was on most steps. `--rules` prints RBO at its default budget under every rule (torch).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 
 LR, RADIUS, BATCH = 0.1, 0.5, 256
+STILL = 1e-5  # a step shorter than this relative to ‖θ‖ moved nothing (round-off only)
 SIZES = ((784, 1024), (1024, 1024), (1024, 10))
 # name: RBO keyword arguments beyond lr and radius (None: SGD)
 ROWS: dict[str, dict[str, Any] | None] = {
@@ -56,16 +60,27 @@ def problem(sizes: tuple[tuple[int, int], ...] = SIZES, batch: int = BATCH, seed
 Row = tuple[float, float, float, float, int, int]  # start, end, rejections, residual, calls, still
 
 
-def halving_rule() -> None:
-    """Make both frameworks' Anderson solvers halve γ after a rejected plain step and add no
-    evaluation to the budget (RBO's rule before the backtracking and the extension)."""
+# rule: (bounds of the factor on γ after a rejected plain step, evaluations rejections add)
+RULES: dict[str, tuple[tuple[float, float], int]] = {
+    "current": ((0.1, 0.5), 2),  # quadratic interpolation, up to 2 added (RBO's default)
+    "halving": ((0.5, 0.5), 0),  # RBO's rule before
+    "halving+2": ((0.5, 0.5), 2),
+    "interpolation+0": ((0.1, 0.5), 0),
+    "interpolation+1": ((0.1, 0.5), 1),
+}
+
+
+def set_rule(name: str) -> None:
+    """Make both frameworks' Anderson solvers follow the rule `name` of `RULES`."""
     import rollingball.optim.rbo as torch_rbo
     from rollingball.optim import projection
+
+    backtrack, extension = RULES[name]
 
     def make_solver(*args: Any) -> Any:
         solver = projection.make_solver(*args)
         if isinstance(solver, projection.AndersonProjection):
-            solver.backtrack, solver.extension = (0.5, 0.5), 0
+            solver.backtrack, solver.extension = backtrack, extension
         return solver
 
     torch_rbo.make_solver = make_solver  # type: ignore[assignment]
@@ -73,7 +88,7 @@ def halving_rule() -> None:
         import rollingball.optax as optax_rbo
     except ImportError:  # no jax
         return
-    optax_rbo.ANDERSON_BACKTRACK, optax_rbo.ANDERSON_EXTENSION = (0.5, 0.5), 0
+    optax_rbo.ANDERSON_BACKTRACK, optax_rbo.ANDERSON_EXTENSION = backtrack, extension
 
 
 def run_torch(weights: Any, x: Any, y: Any, options: dict[str, Any] | None, steps: int) -> Row:
@@ -109,9 +124,10 @@ def run_torch(weights: Any, x: Any, y: Any, options: dict[str, Any] | None, step
         start = float(nn.functional.cross_entropy(model(inputs), labels))
     rejections, residuals, still = [], [], 0
     for _ in range(steps):
-        before = [p.detach().clone() for p in model.parameters()]
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
         opt.step(closure)
-        still += all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+        after = torch.cat([p.detach().flatten() for p in model.parameters()])
+        still += bool(torch.linalg.vector_norm(after - before) <= STILL * before.norm())
         if options is not None:
             rejections.append(opt.last_stats["safeguard_steps"])
             residuals.append(opt.last_stats["residual"])
@@ -157,8 +173,12 @@ def run_jax(weights: Any, x: Any, y: Any, options: dict[str, Any] | None, steps:
     rejections, residuals, calls, still = [], [], 0, 0
     for _ in range(steps):
         new, state = step(params, state)
-        moved = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.any(a != b), new, params))
-        still += not any(bool(m) for m in moved)
+        change = sum(
+            float(jnp.sum((a - b) ** 2))
+            for a, b in zip(*map(jax.tree.leaves, (new, params)), strict=True)
+        )
+        size = sum(float(jnp.sum(a**2)) for a in jax.tree.leaves(params))
+        still += change <= STILL**2 * size
         params = new
         if options is None:
             calls += 1
@@ -184,22 +204,35 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=BATCH)
-    parser.add_argument("--rule", choices=("current", "halving"), default="current")
+    parser.add_argument("--rule", choices=tuple(RULES), default="current")
+    parser.add_argument("--rules", action="store_true", help="every rule, torch, defaults")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument(
         "--frameworks", nargs="+", choices=("torch", "jax"), default=["torch", "jax"]
     )
     args = parser.parse_args()
     weights, x, y = problem(batch=args.batch)
-    if args.rule == "halving":
-        halving_rule()
+    set_rule(args.rule)
     runners: dict[str, Callable[..., Row]] = {"torch": run_torch, "jax": run_jax}
     if "torch" in args.frameworks:
         import torch
 
         torch.set_num_threads(args.threads)
+    rule = "every rule" if args.rules else f"rule for rejected trial points: {args.rule}"
     print(f"ReLU MLP 784-1024-1024-10, He init, batch {args.batch}, lr {LR}, radius {RADIUS}, "
-          f"{args.steps} steps, float32, rule for rejected trial points: {args.rule}")  # fmt: skip
+          f"{args.steps} steps, float32, {rule}")  # fmt: skip
+    if args.rules:
+        header = f"{'rule (torch, RBO defaults)':26s} {'loss start → end':>18s}"
+        print(f"{header} {'rejections/step':>16s} {'calls':>6s} {'still':>6s}")
+        sgd = run_torch(weights, x, y, None, args.steps)
+        print(f"{'SGD lr 0.1':26s} {f'{sgd[0]:.3f} → {sgd[1]:.3f}':>18s} {'–':>16s} "
+              f"{sgd[4]:6d} {sgd[5]:6d}")  # fmt: skip
+        for name in RULES:
+            set_rule(name)
+            start, end, rejections, _, calls, still = run_torch(weights, x, y, {}, args.steps)
+            loss = f"{start:.3f} → {end:.3f}"
+            print(f"{name:26s} {loss:>18s} {rejections:16.2f} {calls:6d} {still:6d}")
+        return
     for framework in args.frameworks:
         print(f"\n{framework}")
         header = f"{'optimizer':26s} {'loss start → end':>18s} {'rejections/step':>16s}"
