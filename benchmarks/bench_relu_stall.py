@@ -4,25 +4,27 @@
         [--frameworks torch jax] [--rule current|halving|...]
     python benchmarks/bench_relu_stall.py --rules    # the rules side by side, torch, defaults
 
-MLP 784-1024-1024-10 (ReLU, float32), weights normal with std √(2/fan_in) and zero biases
-(He initialisation), one batch of 256 standard normal inputs with random labels, lr 0.1,
-ρ = 0.5: the setting of `benchmarks/bench_jax.py` and `benchmarks/bench_overhead.py`. The same
-initial weights and batch in both frameworks. For SGD and RBO at several projection budgets it
-prints the loss at the start and after the steps (one more forward pass, not counted), the
-mean rejected trial points per step (`safeguard_steps`), the median relative residual, the
-closure calls of all steps, and the steps that left the parameters where they were ("still":
-‖θ⁺ − θ‖ ≤ 1e-5‖θ‖, found from the parameters, independently of `last_stats`; a step that
-goes to a trial point and back, x + δ − δ, moves them by round-off only). `--rule` sets the
-projection's rule for rejected trial points (`RULES`: the bounds of the backtracking factor
-on γ after a rejected plain step, and the most evaluations that rejections add to the budget;
-`AndersonProjection.backtrack` and `.extension`, in optax `ANDERSON_BACKTRACK` and
-`ANDERSON_EXTENSION`): `halving` is RBO's rule before, which on this MLP leaves the ball where
-it was on most steps. `--rules` prints RBO at its default budget under every rule (torch).
+MLP 784-1024-1024-10 (ReLU, float32; `--widths` for others), weights normal with std
+√(2/fan_in) and zero biases (He initialisation), one batch of 256 standard normal inputs with
+random labels, lr 0.1, ρ = 0.5: the setting of `benchmarks/bench_jax.py` and
+`benchmarks/bench_overhead.py`. The same initial weights and batch in both frameworks. For SGD
+and RBO at several projection budgets it prints the loss at the start and after the steps (one
+more forward pass, not counted), the mean rejected trial points per step (`safeguard_steps`),
+the median relative residual, the closure calls of all steps, and the steps that left the
+parameters where they were ("still": ‖θ⁺ − θ‖ ≤ 1e-5‖θ‖, found from the parameters,
+independently of `last_stats`; a step that goes to a trial point and back, x + δ − δ, moves
+them by round-off only). `--rule` sets the projection's rule for rejected trial points
+(`RULES`: the bounds of the backtracking factor on γ after a rejected plain step, and the most
+evaluations that rejections add to the budget; `AndersonProjection.backtrack` and
+`.extension`, in optax `ANDERSON_BACKTRACK` and `ANDERSON_EXTENSION`): `halving` is RBO's rule
+before, which on this MLP leaves the ball where it was on most steps. `--rules` prints RBO at
+its default budget under every rule (torch).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -204,6 +206,9 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument(
+        "--widths", default="784,1024,1024,10", help="layer widths, inputs first (784,1024,…)"
+    )
     parser.add_argument("--rule", choices=tuple(RULES), default="current")
     parser.add_argument("--rules", action="store_true", help="every rule, torch, defaults")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -211,7 +216,10 @@ def main() -> None:
         "--frameworks", nargs="+", choices=("torch", "jax"), default=["torch", "jax"]
     )
     args = parser.parse_args()
-    weights, x, y = problem(batch=args.batch)
+    widths = [int(w) for w in args.widths.split(",")]
+    if len(widths) < 2 or min(widths) < 1:
+        parser.error("--widths needs at least two positive integers, e.g. 64,256,256,10")
+    weights, x, y = problem(tuple(itertools.pairwise(widths)), batch=args.batch)
     set_rule(args.rule)
     runners: dict[str, Callable[..., Row]] = {"torch": run_torch, "jax": run_jax}
     if "torch" in args.frameworks:
@@ -219,8 +227,8 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     rule = "every rule" if args.rules else f"rule for rejected trial points: {args.rule}"
-    print(f"ReLU MLP 784-1024-1024-10, He init, batch {args.batch}, lr {LR}, radius {RADIUS}, "
-          f"{args.steps} steps, float32, {rule}")  # fmt: skip
+    print(f"ReLU MLP {'-'.join(map(str, widths))}, He init, batch {args.batch}, lr {LR}, "
+          f"radius {RADIUS}, {args.steps} steps, float32, {rule}")  # fmt: skip
     if args.rules:
         header = f"{'rule (torch, RBO defaults)':26s} {'loss start → end':>18s}"
         print(f"{header} {'rejections/step':>16s} {'calls':>6s} {'still':>6s}")
