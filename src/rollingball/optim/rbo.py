@@ -319,7 +319,8 @@ class RBO(Optimizer):
             last evaluation points to, unevaluated (`blind_step`).
         projection_step_size: γ, the step of the fixed-point iteration x ← x − γ r(x).
         projection_tol: stop when ‖r(x)‖ <= tol·‖r(θ)‖; 0 runs all K iterations. The
-            defaults (K = 2, tol = 1e-4, m = 1: 3 closure calls) come from the cost frontier in
+            defaults (K = 2, tol = 1e-4, m = 1: 3 closure calls, up to 5 when trial points are
+            rejected) come from the cost frontier in
             docs/results.md; K = 20 with m = 5 is the converged projection.
         momentum: μ, heavy ball on the centre's tangent step: v ← μ v + g (per group).
         weight_decay: λ, part of the landscape: f + λ/2 ‖θ‖² (per group).
