@@ -320,8 +320,8 @@ class RBO(Optimizer):
         projection_step_size: γ, the step of the fixed-point iteration x ← x − γ r(x).
         projection_tol: stop when ‖r(x)‖ <= tol·‖r(θ)‖; 0 runs all K iterations. The
             defaults (K = 2, tol = 1e-4, m = 1: 3 closure calls, up to 5 when trial points are
-            rejected) come from the cost frontier in
-            docs/results.md; K = 20 with m = 5 is the converged projection.
+            rejected) come from the cost frontier in docs/results.md; K = 20 with m = 5 is the
+            converged projection.
         momentum: μ, heavy ball on the centre's tangent step: v ← μ v + g (per group).
         weight_decay: λ, part of the landscape: f + λ/2 ‖θ‖² (per group).
         loss_scale: κ, scale of the vertical axis: the landscape is κ f.
@@ -345,16 +345,18 @@ class RBO(Optimizer):
 
     `step(closure)` returns the closure's loss at the starting point; `last_stats` holds the
     step's figures: grad_evals (closure calls), projection_steps, residual (‖r‖ relative to
-    ‖r(θ)‖), converged, safeguard_steps, blind_step, skipped, loss, moved (whether the
-    parameters changed) and stall (why not: None when moved; "rejected", every trial point
-    raised φ, and the parameters are left bit-for-bit at θ; "stationary", θ already met the
-    projection tolerance, e.g. r(θ) = 0, or at radius 0 a zero step; "skipped"). A step that
-    did not happen (a
+    ‖r(θ)‖), converged, safeguard_steps, blind_step, skipped, loss, moved, stall (below). A
+    step that did not happen (a
     non-finite value, or an exception raised by the closure) has skipped=True and counts
     the closure calls it spent. RBO sets the gradients to None before every closure call.
     If the relative residual stays above 0.5 on more than half of the last 20 steps, RBO
     warns once (`ProjectionWarning`); projection_tol=0 (a fixed K, as in the authors' code)
     turns the watch off.
+
+    `moved` says whether the step changed the parameters, `stall` why not: None when it
+    moved; "rejected", every trial point raised φ (the parameters are left bit for bit at θ);
+    "stationary", θ already met the projection tolerance (r(θ) = 0), or a zero step at
+    radius 0; "skipped", a step that did not happen.
     """
 
     def __init__(
