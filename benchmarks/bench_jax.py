@@ -12,7 +12,10 @@ solver ("anderson", with the budget of the converged projection: K = 20, m = 5) 
 with projection_tol set to the accuracy the gd update reached (‖r(x)‖/‖r(θ)‖ at the
 returned point), so both rows end equally close to the contact point; then `rbo` with the
 default projection settings (`rollingball.defaults`) and with radius 0 (SGD). Prints ms per
-step, gradient evaluations per step and that accuracy, all in one run.
+step, gradient evaluations per step and that accuracy, all in one run, and next to them how
+many of the timed steps moved the parameters (each timed step starts from the same point,
+after two warm-up steps) and the loss after a timed step, so that a step which moves nothing
+cannot pass for a cheap one.
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ def main() -> None:
             current, current_state = jitted(current, current_state, inputs, labels)
         jax.block_until_ready(current)
         start_point = current
-        calls, elapsed = 0.0, 0.0
+        calls, elapsed, moved = 0.0, 0.0, 0
         end = current
         for _ in range(args.steps):
             begin = time.perf_counter()
@@ -129,10 +132,17 @@ def main() -> None:
             jax.block_until_ready(end)
             elapsed += time.perf_counter() - begin
             calls += evals(new_state) if evals else K + 1
+            changed = jax.tree.map(lambda a, b: jnp.any(a != b), end, start_point)
+            moved += any(bool(c) for c in jax.tree.leaves(changed))
         error = accuracy(start_point, end) if projects else float("nan")
         per_step = elapsed / args.steps * 1e3
         shown = f"{error:11.2e}" if projects else f"{'-':>11s}"
-        print(f"{name:44s} {calls / args.steps:6.1f} {per_step:9.1f} {shown}")
+        loss = f"{float(loss_fn(start_point, inputs, labels)):.3f}→"
+        loss += f"{float(loss_fn(end, inputs, labels)):.3f}"
+        print(
+            f"{name:44s} {calls / args.steps:6.1f} {per_step:9.1f} {shown} "
+            f"{moved:>3d}/{args.steps:<3d} {loss:>12s}"
+        )
         return error
 
     def grad_evals(state: Any) -> float:
@@ -140,7 +150,7 @@ def main() -> None:
 
     print(f"MLP 784-1024-1024-10, batch 256, K={K}, γ={GAMMA}, lr={LR}, radius={RADIUS}")
     print(f"backend {jax.default_backend()}, {args.steps} timed steps per row")
-    print(f"{'update':44s} {'evals':>6s} {'ms/step':>9s} {'‖r‖/‖r₀‖':>11s}")
+    print(f"{'update':44s} {'evals':>6s} {'ms/step':>9s} {'‖r‖/‖r₀‖':>11s} moved {'loss':>12s}")
 
     def authors(params: Any, state: Any, inputs: jax.Array, labels: jax.Array) -> Any:
         return authors_step(params, inputs, labels)

@@ -8,9 +8,12 @@ MLP 784-1024-1024-10 (`--depth` hidden layers of `--width`: 2 of 1024), batch 25
 per optimizer, closure calls per step and
 overhead = (step time − closure time) / closure time, all measured side by side in one run:
 SGD, RBO at radius 0, the authors' scheme (gd) and Anderson at K = 8 fixed projection
-iterations (tol = 0), and RBO's defaults. The closure's forward and backward are the real
-work. The optimizers take turns for `--rounds` rounds of `--steps` steps each, and the median
-round is printed (with the spread), so that load from other processes hits all of them alike.
+iterations (tol = 0), and RBO's defaults. Next to the time it prints how many of the timed
+steps moved the parameters and the loss after them (from the same start for every optimizer
+and round: two warm-up steps, then `--steps` steps), so a stalled optimizer cannot look cheap.
+The closure's forward and backward are the real work. The optimizers take turns for
+`--rounds` rounds of `--steps` steps each, and the median round is printed (with the
+spread), so that load from other processes hits all of them alike.
 `--clock cpu` (with `--threads 1`) times the thread's CPU time instead of wall time, which
 other processes on a shared machine disturb far less (only through the shared caches).
 On CUDA every closure and step is timed after a synchronisation.
@@ -47,9 +50,12 @@ def _sync(device: torch.device) -> None:
 CLOCK = [time.perf_counter]  # wall time; --clock cpu: the thread's CPU time
 
 
-def measure(build, steps: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
-    """(closure calls per step, overhead, ms per step) of `steps` steps after two warm-up
-    steps."""
+def measure(
+    build, steps: int, x: torch.Tensor, y: torch.Tensor
+) -> tuple[float, float, float, int, float]:
+    """(closure calls per step, overhead, ms per step, steps that moved the parameters, loss
+    after the steps) of `steps` steps after two warm-up steps. Whether a step moved is found
+    by comparing the parameters before and after it, outside the timed region."""
     device = x.device
     model = make_model().to(device)
     opt = build(model.parameters())
@@ -70,13 +76,19 @@ def measure(build, steps: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     for _ in range(2):  # warm-up: allocator, kernels, momentum buffers
         opt.step(closure)
     inside[0], calls[0] = 0.0, 0
-    _sync(device)
-    start = CLOCK[0]()
+    total, moved = 0.0, 0
     for _ in range(steps):
+        before = [p.detach().clone() for p in model.parameters()]
+        _sync(device)
+        start = CLOCK[0]()
         opt.step(closure)
-    _sync(device)
-    total = CLOCK[0]() - start
-    return calls[0] / steps, (total - inside[0]) / inside[0], total / steps * 1e3
+        _sync(device)
+        total += CLOCK[0]() - start
+        now = model.parameters()
+        moved += not all(torch.equal(a, b) for a, b in zip(before, now, strict=True))
+    with torch.no_grad():
+        loss = float(nn.functional.cross_entropy(model(x), y))
+    return calls[0] / steps, (total - inside[0]) / inside[0], total / steps * 1e3, moved, loss
 
 
 def main() -> None:
@@ -119,16 +131,21 @@ def main() -> None:
         },
         "RBO defaults": lambda p: RBO(p, lr=0.1, radius=0.5),
     }
-    rounds: dict[str, list[tuple[float, float, float]]] = {name: [] for name in optimizers}
+    rounds: dict[str, list[tuple[float, float, float, int, float]]] = {n: [] for n in optimizers}
     for _ in range(args.rounds):
         for name, build in optimizers.items():
             rounds[name].append(measure(build, args.steps, x, y))
-    print(f"{'optimizer':26s} {'calls':>6s} {'overhead':>9s} {'(min–max)':>14s} {'ms/step':>8s}")
+    header = f"{'optimizer':26s} {'calls':>6s} {'overhead':>9s} {'(min–max)':>14s} {'ms/step':>8s}"
+    print(f"{header} {'moved':>7s} {'loss':>7s}")
     for name, results in rounds.items():
         results.sort(key=lambda r: r[1])
-        calls, overhead, ms = results[len(results) // 2]
+        calls, overhead, ms, moved, loss = results[len(results) // 2]
         spread = f"{results[0][1] * 100:.1f}–{results[-1][1] * 100:.1f}%"
-        print(f"{name:26s} {calls:6.1f} {overhead * 100:8.1f}% {spread:>14s} {ms:8.1f}")
+        shown = f"{moved}/{args.steps}"
+        print(
+            f"{name:26s} {calls:6.1f} {overhead * 100:8.1f}% {spread:>14s} {ms:8.1f} "
+            f"{shown:>7s} {loss:7.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -70,3 +70,20 @@ def test_bad_names_and_shapes():
         build_model("resnet18", (40,), 10)
     with pytest.raises(ValueError, match="unknown activation"):
         build_model("mlp", (40,), 10, activation="sigmoidish")
+
+
+def test_mlp_he_initialisation():
+    """init="he": weights normal with std √(2/fan_in), zero biases; other names refused."""
+    torch.manual_seed(0)
+    model = build_model("mlp", (400,), 10, hidden=[500, 500], init="he")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for linear in linears:
+        expected = (2.0 / linear.in_features) ** 0.5
+        assert abs(linear.weight.std().item() / expected - 1) < 0.02  # ≥ 5,000 samples each
+        assert abs(linear.weight.mean().item()) < 0.05 * expected
+        assert not linear.bias.any()
+    default = build_model("mlp", (400,), 10, hidden=[500, 500])
+    first = next(m for m in default.modules() if isinstance(m, torch.nn.Linear))
+    assert first.weight.std().item() < 0.5 * (2.0 / 400) ** 0.5  # PyTorch's: U(±1/√fan_in)
+    with pytest.raises(ValueError, match="unknown init 'xavier'"):
+        build_model("mlp", (40,), 10, init="xavier")

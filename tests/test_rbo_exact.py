@@ -524,6 +524,6 @@ def test_a_first_newton_step_left_as_a_multiple_of_the_offset_gives_the_same_ste
 
     (lazy, lazy_rejected), (formed, formed_rejected) = train(False), train(True)
     assert lazy_rejected == formed_rejected
-    assert (lazy_rejected >= 6) == (lr == 8.0)
+    assert (lazy_rejected >= 1) == (lr == 8.0)  # lr 8: the first trial point is rejected
     for a, b in zip(lazy, formed, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

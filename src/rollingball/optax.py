@@ -27,7 +27,9 @@ import optax
 
 from rollingball import defaults
 from rollingball.spec import (
+    ANDERSON_BACKTRACK,
     ANDERSON_CONTRACTION,
+    ANDERSON_EXTENSION,
     ANDERSON_REGULARIZATION,
     ANDERSON_TRUST,
     RIDGE_FLOOR,
@@ -38,6 +40,8 @@ from rollingball.spec import (
 Schedule = Callable[[jax.Array], Any]
 ScalarOrSchedule = float | Schedule
 
+STALLS = (None, "rejected", "stationary", "skipped")  # RBOState.stall indexes this
+
 
 class RBOState(NamedTuple):
     """The momentum buffer, the step count and the last step's statistics.
@@ -46,7 +50,11 @@ class RBOState(NamedTuple):
     of `value_fn` in the step plus the caller's own evaluation at θ; `residual` is
     ‖r(x)‖/‖r(θ)‖ at the last evaluated point of the projection; `blind_step` says whether
     the solver took a last step without evaluating it; `skipped` is set when a non-finite
-    loss or gradient made the update zero; `update_bounded` when `max_update` shortened it.
+    loss or gradient made the update zero; `update_bounded` when `max_update` shortened it;
+    `moved` says whether the update is nonzero, and `stall` why not: an index into `STALLS`
+    (0 None: it moved; 1 "rejected": every trial point raised φ; 2 "stationary": θ met the
+    tolerance, e.g. r(θ) = 0; 3 "skipped"), the reasons `rollingball.RBO.last_stats["stall"]`
+    gives.
     """
 
     count: jax.Array  # type: ignore[assignment]  # optax calls the step count `count`
@@ -59,6 +67,8 @@ class RBOState(NamedTuple):
     blind_step: jax.Array
     skipped: jax.Array
     update_bounded: jax.Array
+    moved: jax.Array
+    stall: jax.Array
 
 
 # --- pytree arithmetic: scalars accumulated in `acc`, leaves kept in their own dtype ---
@@ -137,7 +147,8 @@ class _Problem:
 
 class _Outcome(NamedTuple):
     """Evaluated trial points, residual norms at θ and at the last evaluated point, rejected
-    trial points, whether a blind last step was taken, and a non-finite value."""
+    trial points, whether a blind last step was taken, a non-finite value, and whether the
+    step left θ (a trial point accepted or a blind step taken; at radius 0, a nonzero step)."""
 
     steps: jax.Array
     initial_norm: jax.Array
@@ -145,6 +156,7 @@ class _Outcome(NamedTuple):
     safeguard_steps: jax.Array
     blind_step: jax.Array
     bad: jax.Array
+    moved: jax.Array
 
 
 def _gd_projection(
@@ -190,7 +202,7 @@ def _gd_projection(
     x, _, r, norm, moves, bad = jax.lax.while_loop(cond, body, carry)
     blind = (moves == max_steps - 1) & (norm > tol * initial) & ~bad
     displacement = _combine((1, x), (-1, problem.params), (jnp.where(blind, -step_size, 0), r))
-    return displacement, _Outcome(moves, initial, norm, zero, blind, bad)
+    return displacement, _Outcome(moves, initial, norm, zero, blind, bad, (moves > 0) | blind)
 
 
 class _Point(NamedTuple):
@@ -235,9 +247,11 @@ def _anderson_projection(
     p = u + c g; with the last m differences ΔX_j = x_{j+1} − x_j and D_j = p_j − p_{j+1},
         α = argmin ‖p_k + D α‖ (ridge 1e-10·max_j ‖D_j‖²),  x_{k+1} = x_k − ΔX α − γ (p_k + D α).
     A trial point with φ(x_{k+1}) > φ(x_k) + round-off is rejected: back to x_k, history
-    cleared, and a rejected plain step halves γ. After the K-th evaluation the next step is
-    taken unevaluated if the Gauss–Newton model predicted the last accepted step well
-    (`_blind_is_safe`). The history is a ring of m slots; `valid` marks the live ones.
+    cleared, and a rejected plain step shrinks γ by quadratic interpolation (`_backtrack`);
+    each rejection adds one evaluation to the budget of K, up to `ANDERSON_EXTENSION`. After
+    the budget's last evaluation the next step is taken unevaluated if the Gauss–Newton model
+    predicted the last accepted step well (`_blind_is_safe`). The history is a ring of m
+    slots; `valid` marks the live ones.
     """
     acc = problem.acc
     zero = jnp.zeros((), jnp.int32)
@@ -266,8 +280,13 @@ def _anderson_projection(
 
         return jax.lax.cond(valid.any(), accelerated, lambda: _combine((-gamma, p)))
 
+    def budget(safeguards: jax.Array) -> jax.Array:
+        """K evaluations, plus one for each rejected trial point up to `ANDERSON_EXTENSION`."""
+        return max_steps + jnp.minimum(safeguards, ANDERSON_EXTENSION)
+
     def cond(carry: dict[str, Any]) -> jax.Array:
-        going = (carry["norm"] > tol * initial) & (carry["calls"] < max_steps)
+        going = carry["norm"] > tol * initial
+        going = going & (carry["calls"] < budget(carry["safeguards"]))
         return going & ~carry["bad"]
 
     def body(c: dict[str, Any]) -> dict[str, Any]:
@@ -297,10 +316,12 @@ def _anderson_projection(
         d_steps = _ring_put(c["d_steps"], head, pick(_slot(c["d_steps"], head), d))
         products = _ring_inners(d_steps, d, acc)
         gram = c["gram"].at[head, :].set(products).at[:, head].set(products)
-        norm = trial.residual_norm(_inner(trial_p, trial_p, acc))
-        # a rejected plain step halves γ; an accelerated one (any kept difference) does not
+        trial_newton_sq = _inner(trial_p, trial_p, acc)
+        norm = trial.residual_norm(trial_newton_sq)
+        # a rejected plain step shrinks γ; a rejected accelerated one (any kept difference) not
         accelerated = c["valid"].sum() > 0
-        gamma = jnp.where(reject & ~accelerated, c["gamma"] / 2, c["gamma"])
+        shrink = _backtrack(point, c["newton_sq"], trial.phi, c["gamma"])
+        gamma = jnp.where(reject & ~accelerated, c["gamma"] * shrink, c["gamma"])
         valid = jnp.where(reject, jnp.zeros_like(c["valid"]), c["valid"].at[head].set(True))
         gram = jnp.where(reject, c["gram"], gram)
         next_step = trial_step(pick(p, trial_p), x_steps, d_steps, gram, valid, gamma)
@@ -312,6 +333,7 @@ def _anderson_projection(
             "grad": pick(c["grad"], trial_grad),
             "point": pick(point, trial),
             "norm": jnp.where(reject, c["norm"], norm),
+            "newton_sq": jnp.where(reject, c["newton_sq"], trial_newton_sq),
             "gamma": gamma,
             "safeguards": c["safeguards"] + reject.astype(jnp.int32),
             "x_steps": x_steps,
@@ -330,7 +352,8 @@ def _anderson_projection(
 
     start = _Point(-problem.lift, grad_sq, _inner(grad, offset, acc), _inner(offset, offset, acc))
     p0 = newton(start, offset, grad)
-    initial = start.residual_norm(_inner(p0, p0, acc))
+    start_newton_sq = _inner(p0, p0, acc)
+    initial = start.residual_norm(start_newton_sq)
     carry = {
         "calls": zero,
         "step": _combine((-step_size, p0)),  # no history yet: the plain step −γ p
@@ -339,6 +362,7 @@ def _anderson_projection(
         "grad": grad,
         "point": start,
         "norm": initial,
+        "newton_sq": start_newton_sq,
         "gamma": jnp.asarray(step_size, acc),
         "safeguards": zero,
         "x_steps": ring,
@@ -353,12 +377,14 @@ def _anderson_projection(
         "bad": start_bad | ~jnp.isfinite(initial),
     }
     c = jax.lax.while_loop(cond, body, carry)
-    blind = (c["calls"] == max_steps) & (c["norm"] > tol * initial) & c["has_before"] & ~c["bad"]
+    spent = c["calls"] == budget(c["safeguards"])
+    blind = spent & (c["norm"] > tol * initial) & c["has_before"] & ~c["bad"]
     blind = blind & _blind_is_safe(
         problem, c["before"], c["point"], c["check"], c["offset"], c["grad"], c["step"]
     )
     displacement = _combine((1, c["x"]), (-1, problem.params), (blind.astype(acc), c["step"]))
-    outcome = _Outcome(c["calls"], initial, c["norm"], c["safeguards"], blind, c["bad"])
+    moved = (c["calls"] > c["safeguards"]) | blind
+    outcome = _Outcome(c["calls"], initial, c["norm"], c["safeguards"], blind, c["bad"], moved)
     return displacement, outcome
 
 
@@ -390,6 +416,21 @@ def _blind_is_safe(
         & (step_sq <= ANDERSON_CONTRACTION**2 * last_sq)
         & (model + error < point.phi)
     )
+
+
+def _backtrack(point: _Point, newton_sq: jax.Array, rejected: jax.Array, gamma: jax.Array
+               ) -> jax.Array:  # fmt: skip
+    """The factor on γ after a rejected plain step δ = −γ p from `point`: the least point
+    t* = −d / (2(φ(1) − φ(0) − d)) of the quadratic through φ(0), φ(1) and the slope
+    d = ⟨r, δ⟩ = −γ(‖p‖² + ⟨g, p⟩²) along x + t δ, within [0.1, 0.5]
+    (`rollingball.optim.projection.AndersonProjection._shrink`)."""
+    grad_newton = point.grad_offset + point.newton_shift * point.grad_sq
+    slope = -gamma * (jnp.maximum(newton_sq, 0) + grad_newton**2)
+    curvature = rejected - point.phi - slope
+    usable = (slope < 0) & (curvature > 0) & jnp.isfinite(curvature)
+    t = -slope / jnp.where(usable, 2 * curvature, 1)
+    low, high = ANDERSON_BACKTRACK
+    return jnp.where(usable, jnp.clip(t, low, high), high)
 
 
 def _smallest(acc: Any) -> jax.Array:
@@ -500,6 +541,8 @@ def rbo(
             blind_step=jnp.zeros((), bool),
             skipped=jnp.zeros((), bool),
             update_bounded=jnp.zeros((), bool),
+            moved=jnp.zeros((), bool),
+            stall=jnp.zeros((), jnp.int32),
         )
 
     def landscape_at(value: Any, grad: Any, x: Any, acc: Any) -> tuple[jax.Array, Any]:
@@ -535,12 +578,18 @@ def rbo(
                 return jax.tree.map(lambda vi: jnp.array(-lr, dtype=vi.dtype) * vi, v)
             return jax.tree.map(lambda vi: -learning_rate * vi, v)
 
+        def sgd_moves(grad_sq: jax.Array) -> jax.Array:
+            """radius 0: the step −η v is nonzero (η > 0, and g ≠ 0 or momentum)."""
+            return (jnp.asarray(lr) > 0) & ((grad_sq > 0) | (momentum > 0))
+
         if not callable(radius) and radius == 0:  # no projection: on the leaves themselves
             f0, g = landscape_at(value, grad, params, acc)
             v = tangent(g, state.momentum)
             zero, norm = jnp.zeros((), jnp.int32), jnp.zeros((), acc)
-            bad = ~jnp.isfinite(f0) | ~jnp.isfinite(_inner(g, g, acc))
-            outcome = _Outcome(zero, norm, norm, zero, jnp.zeros((), bool), bad)
+            grad_sq = _inner(g, g, acc)
+            bad = ~jnp.isfinite(f0) | ~jnp.isfinite(grad_sq)
+            moved = sgd_moves(grad_sq)
+            outcome = _Outcome(zero, norm, norm, zero, jnp.zeros((), bool), bad, moved)
             return _finish(sgd(v), v, outcome, state, acc)
 
         value_and_grad = jax.value_and_grad(value_fn)
@@ -576,7 +625,7 @@ def rbo(
         if callable(radius):
             rho = jnp.asarray(radius(state.count), acc)
             no = jnp.zeros((), jnp.int32), jnp.zeros((), acc), jnp.zeros((), bool)
-            skip = _Outcome(no[0], no[1], no[1], no[0], no[2], start_bad)
+            skip = _Outcome(no[0], no[1], no[1], no[0], no[2], start_bad, sgd_moves(grad_sq))
             delta, outcome = jax.lax.cond(rho == 0, lambda: (sgd(v), skip), lambda: roll(rho))
         else:
             delta, outcome = roll(radius)
@@ -588,6 +637,8 @@ def rbo(
         """The update (zero when a value was not finite; shortened to max_update) and the new
         state."""
         bad = outcome.bad
+        still = bad | ~outcome.moved  # x + δ − δ after rejections: the update is exactly zero
+        delta = jax.tree.map(lambda d: jnp.where(still, jnp.zeros_like(d), d), delta)
         bounded = jnp.zeros((), bool)
         if max_update is not None:
             norm = jnp.sqrt(_inner(delta, delta, acc))
@@ -611,8 +662,12 @@ def rbo(
             blind_step=~bad & outcome.blind_step,
             skipped=bad,
             update_bounded=bounded,
+            moved=~bad & outcome.moved,
+            stall=jnp.where(
+                bad, 3, jnp.where(outcome.moved, 0, jnp.where(outcome.steps > 0, 1, 2))
+            ).astype(jnp.int32),
         )
-        return jax.tree.map(lambda d: jnp.where(bad, jnp.zeros_like(d), d), delta), new_state
+        return delta, new_state
 
     # a projection loop is compiled once per value_fn, also when the caller does not jit
     compiled_step = step if radius == 0 else jax.jit(step, static_argnames="value_fn")

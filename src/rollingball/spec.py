@@ -27,6 +27,11 @@ ANDERSON_REGULARIZATION = 1e-10
 ANDERSON_TRUST = 0.5
 # The blind step must be this much shorter than the last one: ‖δ‖ ≤ contraction · ‖δ_last‖.
 ANDERSON_CONTRACTION = 0.5
+# A rejected plain step's γ shrinks by the factor t* that minimises the quadratic through
+# φ(x_k), the slope ⟨r, δ⟩ and the rejected φ(x_k + δ), kept within these bounds.
+ANDERSON_BACKTRACK = (0.1, 0.5)
+# Each rejected trial point adds one evaluation to the budget, up to this many.
+ANDERSON_EXTENSION = 2
 # The ridge's absolute floor, so that it is > 0 when every difference is zero.
 RIDGE_FLOOR = 1e-300
 # φ's round-off level, in units of the dtype's eps (`phi_noise`).

@@ -1,13 +1,15 @@
 """The cost frontier of RBO's projection: test accuracy against closure calls per step.
 
     rollingball frontier [--out runs/frontier] [--epochs 10] [--seeds 3] [--jobs 2]
+        [--nets gelu relu relu_he]
 
-On MNIST-1D and digits (compare's MLP with GELU, batch 100, cosine schedule, compare's
-learning rates, digits' from the package's ``hparams/compare_digits.toml``), RBO at
-ρ ∈ {0.1, 0.3, 1} with the projection budgets K ∈ {1, 2, 3, 5} (at tolerance 1e-4, so the
-budget decides) and the tolerances {1e-1, 1e-2} (at K = 20), each with
-Anderson memory 1, and the converged projection (K = 20, tol = 1e-4, memory 5: the former
-default); SGD, momentum, SAM and USAM as baselines, all at equal epochs. Writes
+On MNIST-1D and digits (compare's MLP, batch 100, cosine schedule, compare's learning rates,
+digits' from the package's ``hparams/compare_digits.toml``), with three networks — GELU, ReLU
+with PyTorch's initialisation and ReLU with He's (`NETS`) — RBO at ρ ∈ {0.1, 0.3, 1} with the
+projection budgets K ∈ {1, 2, 3, 5} (at tolerance 1e-4, so the budget decides) and the
+tolerances {1e-1, 1e-2} (at K = 20), each with Anderson memory 1, and the converged
+projection (K = 20, tol = 1e-4, memory 5: the former default); SGD, momentum, SAM and USAM as
+baselines, all at equal epochs. Writes
 ``frontier.csv`` (one row per run), ``frontier.md`` (mean ± std over seeds) and
 ``frontier.png`` into ``--out``; finished runs are reused.
 """
@@ -18,6 +20,7 @@ import argparse
 import csv
 import statistics
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -42,6 +45,12 @@ from rollingball.experiments.runner import read_metrics, run
 
 # each task's hyperparameters: compare's own (None), or a TOML shipped in the package's hparams/
 TASKS = {"mnist1d": None, "digits": "compare_digits.toml"}
+# the MLP's keyword arguments per network (learning rates are compare's, tuned on GELU)
+NETS: dict[str, dict[str, str]] = {
+    "gelu": {"activation": "gelu"},
+    "relu": {"activation": "relu"},
+    "relu_he": {"activation": "relu", "init": "he"},
+}
 RADII = (0.1, 0.3, 1.0)
 BASELINES = ("sgd", "momentum", "sam", "usam")
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -60,9 +69,11 @@ USAM_RHO = 0.05
 
 @dataclass(frozen=True)
 class Cell:
-    """One configuration of the frontier: task, optimizer, radius and projection setting."""
+    """One configuration of the frontier: task, network, optimizer, radius and projection
+    setting."""
 
     task: str
+    net: str
     optimizer: str
     radius: float | None = None
     setting: str = ""
@@ -70,8 +81,8 @@ class Cell:
     @property
     def name(self) -> str:
         if self.radius is None:
-            return f"{self.task}/{self.optimizer}"
-        return f"{self.task}/rbo_r{self.radius:g}_{self.setting}"
+            return f"{self.task}/{self.net}/{self.optimizer}"
+        return f"{self.task}/{self.net}/rbo_r{self.radius:g}_{self.setting}"
 
 
 def _hparams(task: str) -> tuple[dict[str, dict[str, Any]], dict[float, float]]:
@@ -84,11 +95,14 @@ def _hparams(task: str) -> tuple[dict[str, dict[str, Any]], dict[float, float]]:
     return hparams, by_radius or {}
 
 
-def cells() -> list[Cell]:
+def cells(nets: Sequence[str] = tuple(NETS)) -> list[Cell]:
     out = []
-    for task in TASKS:
-        out += [Cell(task, name) for name in BASELINES]
-        out += [Cell(task, "rbo", radius, setting) for radius in RADII for setting in SETTINGS]
+    for net in nets:  # one network after the other: a run cut short leaves whole networks
+        for task in TASKS:
+            out += [Cell(task, net, name) for name in BASELINES]
+            out += [
+                Cell(task, net, "rbo", radius, setting) for radius in RADII for setting in SETTINGS
+            ]
     return out
 
 
@@ -110,7 +124,7 @@ def config(cell: Cell, seed: int, epochs: int) -> RunConfig:
         seed=seed,
         threads=1,
         data=DataConfig(name=cell.task, batch_size=100),
-        model=ModelConfig(name="mlp", kwargs={"activation": "gelu"}),
+        model=ModelConfig(name="mlp", kwargs=dict(NETS[cell.net])),
         optimizer=OptimizerConfig(name=cell.optimizer, hparams=hparams),
         schedule=ScheduleConfig(kind="cosine"),
         budget=BudgetConfig(epochs=epochs),
@@ -122,9 +136,11 @@ def _run(raw: dict[str, Any], out_dir: str) -> None:
     run(config_from_dict(raw), out_dir, resume=True)
 
 
-def measure(out: Path, epochs: int, seeds: int, jobs: int) -> list[dict[str, Any]]:
+def measure(
+    out: Path, epochs: int, seeds: int, jobs: int, nets: Sequence[str] = tuple(NETS)
+) -> list[dict[str, Any]]:
     """Run every cell and seed (reusing finished runs); one row per run."""
-    jobs_list = [(cell, seed) for cell in cells() for seed in range(seeds)]
+    jobs_list = [(cell, seed) for cell in cells(nets) for seed in range(seeds)]
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         futures = [
             pool.submit(_run, config_to_dict(config(c, s, epochs)), str(out / c.name / f"seed{s}"))
@@ -138,6 +154,7 @@ def measure(out: Path, epochs: int, seeds: int, jobs: int) -> list[dict[str, Any
         rows.append(
             {
                 "task": cell.task,
+                "net": cell.net,
                 "optimizer": cell.optimizer,
                 "radius": "" if cell.radius is None else cell.radius,
                 "setting": cell.setting,
@@ -151,17 +168,18 @@ def measure(out: Path, epochs: int, seeds: int, jobs: int) -> list[dict[str, Any
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean ± std over seeds per (task, optimizer, radius, setting)."""
+    """Mean ± std over seeds per (task, net, optimizer, radius, setting)."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
-        key = (row["task"], row["optimizer"], row["radius"], row["setting"])
+        key = (row["task"], row["net"], row["optimizer"], row["radius"], row["setting"])
         groups.setdefault(key, []).append(row)
     out = []
-    for (task, optimizer, radius, setting), members in groups.items():
+    for (task, net, optimizer, radius, setting), members in groups.items():
         accuracy = [100 * m["test_accuracy"] for m in members]
         out.append(
             {
                 "task": task,
+                "net": net,
                 "optimizer": optimizer,
                 "radius": radius,
                 "setting": setting,
@@ -176,12 +194,12 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(summary: list[dict[str, Any]]) -> str:
     lines = [
-        "| task | optimizer | radius | projection | test accuracy % | closure calls / step |",
-        "|---|---|---|---|---|---|",
+        "| task | net | optimizer | radius | projection | test accuracy % | closure calls / step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         lines.append(
-            f"| {s['task']} | {s['optimizer']} | {s['radius']} | {s['setting']} | "
+            f"| {s['task']} | {s['net']} | {s['optimizer']} | {s['radius']} | {s['setting']} | "
             f"{s['accuracy']:.2f} ± {s['std']:.2f} | {s['calls']:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -193,10 +211,14 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4.5))
+    nets = list(dict.fromkeys(s["net"] for s in summary))
+    panels = [(task, net) for net in nets for task in TASKS]
+    fig, grid = plt.subplots(
+        len(nets), len(TASKS), figsize=(6 * len(TASKS), 4.5 * len(nets)), squeeze=False
+    )
     markers = {0.1: "o", 0.3: "s", 1.0: "^"}
-    for ax, task in zip(axes, TASKS, strict=True):
-        rows = [s for s in summary if s["task"] == task]
+    for ax, (task, net) in zip(grid.flat, panels, strict=True):
+        rows = [s for s in summary if s["task"] == task and s["net"] == net]
         for radius, marker in markers.items():
             points = sorted(
                 (s["calls"], s["accuracy"], s["std"], s["setting"])
@@ -222,7 +244,7 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("closure calls per step (log)")
         ax.set_ylabel("test accuracy % (mean ± std over seeds)")
-        ax.set_title(f"{task}: equal epochs")
+        ax.set_title(f"{task}, MLP {net}: equal epochs")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -244,13 +266,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--epochs", type=int, default=10, help="epochs per run")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
+    parser.add_argument(
+        "--nets", nargs="+", choices=tuple(NETS), default=list(NETS), help="the MLPs to run"
+    )
     parser.set_defaults(func=_cmd_frontier)
 
 
 def _cmd_frontier(args: argparse.Namespace) -> int:
     out = Path(args.out)
     started = time.perf_counter()
-    rows = measure(out, args.epochs, args.seeds, args.jobs)
+    rows = measure(out, args.epochs, args.seeds, args.jobs, args.nets)
     with open(out / "frontier.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -43,6 +43,7 @@ class MLP(nn.Module):
     ``activation`` is one of relu (default), tanh, gelu, silu, softplus. RBO's projection
     solves a smooth equation; on a ReLU network's piecewise-linear landscape it stalls at a
     residual of about 1e-2, on smooth activations it converges (see docs/results.md).
+    ``init``: "default" (PyTorch's) or "he" (weights normal with std √(2/fan_in), zero biases).
     """
 
     def __init__(
@@ -51,12 +52,15 @@ class MLP(nn.Module):
         num_classes: int,
         hidden: Sequence[int] = (100, 100),
         activation: str = "relu",
+        init: str = "default",
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
             )
+        if init not in ("default", "he"):
+            raise ValueError(f"unknown init {init!r}; choose 'default' or 'he'")
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for h in hidden:
@@ -64,6 +68,11 @@ class MLP(nn.Module):
             width = h
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)
+        if init == "he":
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=math.sqrt(2.0 / layer.in_features))
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

@@ -33,7 +33,9 @@ from rollingball.optim.geometry import (
 )
 from rollingball.optim.workspace import Workspace
 from rollingball.spec import (
+    ANDERSON_BACKTRACK,
     ANDERSON_CONTRACTION,
+    ANDERSON_EXTENSION,
     ANDERSON_REGULARIZATION,
     ANDERSON_TRUST,
     RIDGE_FLOOR,
@@ -101,6 +103,11 @@ class ProjectionResult:
     final_norm: float
     safeguard_steps: int = 0
     blind_step: bool = False
+
+    @property
+    def moved(self) -> bool:
+        """Whether the solver left θ: a trial point was accepted, or a blind step taken."""
+        return self.steps > self.safeguard_steps or self.blind_step
 
 
 WIDE_RANGE = (torch.float32, torch.float64, torch.bfloat16)
@@ -276,12 +283,19 @@ class AndersonProjection:
     differences ΔX_j = x_{j+1} − x_j and D_j = p_{j+1} − p_j,
         α = argmin_α ‖p_k − D α‖,   x_{k+1} = x_k − ΔX α − γ (p_k − D α).
     Safeguard: a trial point with φ(x_{k+1}) > φ(x_k) (beyond round-off) is rejected; the solver
-    goes back to x_k, forgets its history and takes the plain step x_k − γ p_k, halving γ each
-    time a plain step is rejected. φ never increases over evaluated points: the solver descends
-    to a local minimum of φ, never to a saddle.
+    goes back to x_k, forgets its history and takes the plain step x_k − γ p_k. A rejected
+    plain step shrinks γ by backtracking: the quadratic in t through φ(x_k), the slope
+    ⟨r, δ⟩ and φ(x_k + δ) is least at t*, and γ ← γ·t*, t* kept within `backtrack` (0.1, 0.5)
+    (`_shrink`). φ never increases over evaluated points: the solver descends to a local
+    minimum of φ, never to a saddle, and a step is never worse in φ than not moving.
 
-    Blind last step: after the K-th evaluation, if the residual is still above the tolerance
-    and that trial point was accepted, the next step δ is taken without evaluating it when
+    Budget: K evaluations, plus one for each rejected trial point up to `extension` (2): a
+    rejection does not use up a budget that would otherwise leave the ball where it was (with
+    K = 2 and γ halved, both trial points were rejected on 7 of 8 steps of a He-initialised
+    ReLU MLP: `benchmarks/bench_relu_stall.py --rule halving`). At most K + `extension` calls.
+
+    Blind last step: after the budget's last evaluation, if the residual is still above the
+    tolerance and that trial point was accepted, the next step δ is taken unevaluated when
     (1) the Gauss–Newton model of φ predicted the last step δ_last well: the observed φ within
     `trust`·(predicted decrease) of the model's φ̂ (to first order the relative error is ρλ,
     the ball against the curvature along the step); (2) the iteration contracts:
@@ -300,6 +314,12 @@ class AndersonProjection:
     regularization: float = ANDERSON_REGULARIZATION
     trust: float = ANDERSON_TRUST
     contraction: float = ANDERSON_CONTRACTION
+    backtrack: tuple[float, float] = ANDERSON_BACKTRACK
+    extension: int = ANDERSON_EXTENSION
+
+    def _budget(self, safeguards: int) -> int:
+        """K evaluations, and one more for each rejected trial point, up to `extension`."""
+        return self.max_steps + min(safeguards, self.extension)
 
     def solve(self, problem: ProjectionProblem) -> ProjectionResult:
         workspace = problem.workspace
@@ -322,7 +342,7 @@ class AndersonProjection:
         fresh = True  # problem.grads is g at x_k (after a rejection: at the rejected point)
         while norm > self.tol * initial:
             accelerated = bool(history.x_steps)  # before the step drops the oldest difference
-            if calls == self.max_steps:  # a blind step needs an accepted last trial point
+            if calls == self._budget(safeguards):  # a blind step needs an accepted last trial
                 model_error = self._last_prediction(problem, previous, point, check)
                 if model_error is not None:  # no pass is spent on a step refused already
                     step = self._step(workspace, newton, history, products, step_size, point)
@@ -334,7 +354,7 @@ class AndersonProjection:
                     step.release(workspace)
                 break
             step = self._step(workspace, newton, history, products, step_size)
-            last = calls + 1 == self.max_steps and fresh  # it decides the blind step
+            last = calls + 1 == self._budget(safeguards) and fresh  # it decides the blind step
             along = step.along(problem, point, products[0]) if last else ([], [])
             offset_sq = None  # ‖u‖² at the trial point, when known without a pass
             if lazy is not None:  # the first, plain step: x − γ(s + c) g, u = (s − γ(s + c)) g
@@ -361,7 +381,7 @@ class AndersonProjection:
                 history.clear(workspace)
                 safeguards += 1
                 if not accelerated:
-                    step_size /= 2
+                    step_size *= self._shrink(point, products[0], trial.phi, step_size)
                 previous, products, fresh = None, products[:1], False
                 continue
             new_newton, difference, fused_products = _newton_difference(  # D_k = p_{k+1} − p_k
@@ -372,7 +392,7 @@ class AndersonProjection:
             previous, point, newton = point, trial, new_newton
             fresh = True
             blind_next = (  # the blind rule will want ⟨g, D_i⟩ (rule 1 holds)
-                calls == self.max_steps
+                calls == self._budget(safeguards)
                 and history.multiples_of_p()
                 and self._last_prediction(problem, previous, point, check) is not None
             )
@@ -383,6 +403,19 @@ class AndersonProjection:
             workspace.give(newton)
         history.clear(workspace)
         return ProjectionResult(calls, initial, norm, safeguards, blind)
+
+    def _shrink(self, point: _Point, newton_sq: float, rejected: float, gamma: float) -> float:
+        """The factor on γ after a rejected plain step δ = −γ p. Along x_k + t δ, φ is known at
+        t = 0 with slope d = ⟨r, δ⟩ = −γ(‖p‖² + ⟨g, p⟩²) (r = (I + g gᵀ) p) and at t = 1; the
+        quadratic through them is least at t* = −d / (2(φ(1) − φ(0) − d)), which is below ½
+        since φ(1) > φ(0); kept within `backtrack` (backtracking by quadratic interpolation)."""
+        _, grad_newton = point.newton_products()
+        slope = -gamma * (max(newton_sq, 0.0) + grad_newton**2)
+        curvature = rejected - point.phi - slope
+        low, high = self.backtrack
+        if not (slope < 0 and curvature > 0 and math.isfinite(curvature)):
+            return high
+        return min(max(-slope / (2 * curvature), low), high)
 
     @staticmethod
     def _reductions(

@@ -68,6 +68,8 @@ STATS_KEYS = (
     "skipped",
     "loss",
     "update_bounded",
+    "moved",
+    "stall",
 )
 # The settings a state dict's param groups must hold to be RBO's (max_update may be absent:
 # state dicts saved before it existed load with no bound).
@@ -297,16 +299,18 @@ class RBO(Optimizer):
             `radius=0` is exactly torch.optim.SGD (one closure call per step, and `step()`
             without a closure takes SGD's step on the gradients already in `.grad`).
         projection: "anderson" (accelerated, default) or "gd" (the authors' scheme).
-        projection_steps: K, the most projection trial points per step (a step costs at most
-            1 + K closure calls; gd: K iterations, K calls); when K runs out the solver still
-            takes the step its last evaluation points to, unevaluated (`blind_step`).
+        projection_steps: K, the projection trial points per step; each rejected trial point
+            adds one more, up to 2 (a step costs at most 1 + K + 2 closure calls; gd: K
+            iterations, K calls); when the budget runs out the solver still takes the step its
+            last evaluation points to, unevaluated (`blind_step`).
         projection_step_size: γ, the step of the fixed-point iteration x ← x − γ r(x); "gd"
             is stable only while γ(1 + ‖∇f‖²) < 2 (the default γ = 1 suits Anderson, whose
             safeguard rejects bad trial points; gd with a steep loss needs a smaller γ, and a
             divergence it causes is refused with this condition in the message).
         projection_tol: stop when ‖r(x)‖ <= tol·‖r(θ)‖; 0 runs all K iterations. The
-            defaults (K = 2, tol = 1e-4, m = 1: 3 closure calls) come from the cost frontier in
-            docs/results.md; K = 20 with m = 5 is the converged projection.
+            defaults (K = 2, tol = 1e-4, m = 1: 3 closure calls, up to 5 when trial points are
+            rejected) come from the cost frontier in docs/results.md; K = 20 with m = 5 is the
+            converged projection.
         momentum: μ, heavy ball on the centre's tangent step: v ← μ v + g (per group).
         weight_decay: λ, part of the landscape: f + λ/2 ‖θ‖² (per group).
         loss_scale: κ, scale of the vertical axis: the landscape is κ f.
@@ -339,18 +343,23 @@ class RBO(Optimizer):
     grad_evals (closure calls), projection_steps (trial points), residual (‖r‖ relative to
     ‖r(θ)‖; 0 at radius 0, NaN when skipped), converged, safeguard_steps (trial points
     rejected), blind_step (the step ended with the unevaluated step of the last
-    evaluation), skipped, loss (at the starting point; NaN when unknown) and update_bounded
-    (max_update shortened the update). A step that did not happen (a non-finite value, or
-    an exception raised by the closure) has skipped=True and counts the closure calls it
-    spent. RBO sets the gradients to None before every closure call, and after a step at
-    radius > 0 (the last call's `.grad` is a trial point's gradient or a residual, not the
-    gradient at the new θ); at radius 0 `.grad` keeps ∇f(θ) = κ(±∇loss + λθ).
-    If the relative residual stays above 0.5 (and the residual above 1% of the centre's offset
-    ‖θ − θ̃‖) on more than half of the last 20 steps, RBO warns once (`ProjectionWarning`);
-    that step spends 3 more closure calls testing the closure's gradient against its loss,
-    to name clipping when it is not the loss's. projection_tol=0 (a fixed K, as in the
-    authors' code) turns the watch off. `closure_call` is the number of the closure call
-    running now (1 at θ), 0 outside a step.
+    evaluation), skipped, loss (at the starting point; NaN when unknown), update_bounded
+    (max_update shortened the update), moved and stall (below). A step that did not happen
+    (a non-finite value, or an exception raised by the closure) has skipped=True and counts
+    the closure calls it spent. RBO sets the gradients to None before every closure call,
+    and after a step at radius > 0 (the last call's `.grad` is a trial point's gradient or a
+    residual, not the gradient at the new θ); at radius 0 `.grad` keeps ∇f(θ) =
+    κ(±∇loss + λθ). If the relative residual stays above 0.5 (and the residual above 1% of
+    the centre's offset ‖θ − θ̃‖) on more than half of the last 20 steps, RBO warns once
+    (`ProjectionWarning`); that step spends 3 more closure calls testing the closure's
+    gradient against its loss, to name clipping when it is not the loss's. projection_tol=0
+    (a fixed K, as in the authors' code) turns the watch off. `closure_call` is the number
+    of the closure call running now (1 at θ), 0 outside a step.
+
+    `moved` says whether the step changed the parameters, `stall` why not: None when it
+    moved; "rejected", every trial point raised φ (the parameters are left bit for bit at θ);
+    "stationary", θ already met the projection tolerance (r(θ) = 0), or a zero step at
+    radius 0; "skipped", a step that did not happen.
     """
 
     def __init__(
@@ -502,10 +511,13 @@ class RBO(Optimizer):
             loss, active = first.loss, landscape.params
             directions = self._tangent_directions(active, first.grads)
             if settings["radius"] == 0:
+                moved = _sgd_moves(groups, first.grad_sq)
                 bounded = self._sgd_update(settings, active, directions)
-                stats = _sgd_stats()
+                stats = _sgd_stats(moved)
             else:
                 stats = self._roll(landscape, settings, active, first, directions)
+                if snapshot is not None and not stats["moved"]:  # x + δ − δ: undo round-off
+                    copy_(_flat(params), snapshot)
                 bounded = self._bound_update(settings, _flat(active), snapshot)
                 if settings["projection_tol"] and self._watch_projection():  # tol 0: fixed K
                     slope_ratio = self._gradient_check(landscape)
@@ -607,7 +619,8 @@ class RBO(Optimizer):
                 group_grads.append(g)
             params.append(group_params)
             grads.append(group_grads)
-        if not math.isfinite(squared_norm(_flat(grads))):
+        grad_sq = squared_norm(_flat(grads))
+        if not math.isfinite(grad_sq):
             policy = settings["on_nonfinite"]
             return self._skip_or_raise("non-finite gradient in .grad", policy, 0, None)
         directions = self._tangent_directions(params, grads)
@@ -615,7 +628,7 @@ class RBO(Optimizer):
         self._commit_momentum(self.param_groups, params, directions)
         self._count_step(0)
         self.last_stats = {
-            **_sgd_stats(),
+            **_sgd_stats(_sgd_moves(self.param_groups, grad_sq)),
             "grad_evals": 0,
             "skipped": False,
             "loss": math.nan,
@@ -703,6 +716,8 @@ class RBO(Optimizer):
             "residual": math.nan,
             "converged": False,
             "blind_step": False,
+            "moved": False,
+            "stall": "skipped",
             "skipped": True,
             "loss": math.nan if loss is None else _as_float(loss),
             "update_bounded": False,
@@ -826,16 +841,26 @@ class RBO(Optimizer):
         relative = result.final_norm / norm if norm > 0 else 0.0
         offset = POOR_OFFSET * math.sqrt(centre.offset_sq)
         self._poor = not (relative <= POOR_RESIDUAL or result.final_norm <= offset)
+        moved = result.moved
         return {
             "projection_steps": result.steps,
             "safeguard_steps": result.safeguard_steps,
             "residual": relative,
             "converged": relative <= settings["projection_tol"],
             "blind_step": result.blind_step,
+            "moved": moved,
+            "stall": None if moved else ("rejected" if result.steps else "stationary"),
         }
 
 
-def _sgd_stats() -> dict[str, Any]:
+def _sgd_moves(groups: list[dict[str, Any]], grad_sq: float) -> bool:
+    """Whether SGD's step θ ← θ − η v moves: a gradient or a momentum, and a learning rate
+    (a zero momentum buffer with a zero gradient is counted as moving)."""
+    pushed = grad_sq > 0 or any(group["momentum"] for group in groups)
+    return pushed and any(group["lr"] > 0 for group in groups)
+
+
+def _sgd_stats(moved: bool) -> dict[str, Any]:
     """The projection's figures of a step at radius 0, which has no projection."""
     return {
         "projection_steps": 0,
@@ -843,6 +868,8 @@ def _sgd_stats() -> dict[str, Any]:
         "residual": 0.0,
         "converged": True,
         "blind_step": False,
+        "moved": moved,
+        "stall": None if moved else "stationary",
     }
 
 
