@@ -462,7 +462,7 @@ def test_a_first_newton_step_left_as_a_multiple_of_the_offset_gives_the_referenc
     fast, slow, model, twin = trajectories(model, closure_for, 6, lr=lr, radius=0.3, **options)
     assert_same_steps(fast, slow)
     rejected = sum(stats["safeguard_steps"] for stats in fast)
-    assert (rejected >= 6) == (lr == 8.0)
+    assert (rejected > 0) == (lr == 8.0)  # lr 8: the first trial point is rejected
     assert_same_parameters(model, twin, rtol=1e-12, atol=1e-14)
 
 

@@ -33,7 +33,9 @@ from torch import Tensor
 from rollingball import defaults
 from rollingball.optim.closure import StepClosure
 from rollingball.spec import (
+    ANDERSON_BACKTRACK,
     ANDERSON_CONTRACTION,
+    ANDERSON_EXTENSION,
     ANDERSON_REGULARIZATION,
     ANDERSON_TRUST,
     RIDGE_FLOOR,
@@ -274,19 +276,31 @@ def _judge(
     problem: _Projection,
     point: _Point,
     trial: _Point,
+    delta: Tensor,
     accelerated: bool,
     step_size: float,
     evaluated: int,
+    rejected: int,
     budget: int,
 ) -> _Verdict:
-    """The safeguard and the budget, in one place. A trial point whose φ exceeds φ(x_k) by
-    more than round-off is rejected (the solver stays at x_k, forgets its history and takes
-    the plain step next); a rejected plain step halves γ. The budget is K trial points,
-    rejected ones included. A change to these rules (say, for a budget spent on rejections)
-    is made here; what follows a spent budget is the blind step (`_blind_step_is_safe`)."""
+    """The safeguard and the budget, in one place. A trial point x_k + δ whose φ exceeds
+    φ(x_k) by more than round-off is rejected (the solver stays at x_k, forgets its history
+    and takes the plain step next). A rejected plain step δ = −γ p shrinks γ by backtracking:
+    along x_k + t δ, φ is known at t = 0 with slope d = ⟨r(x_k), δ⟩ and at t = 1, and the
+    quadratic through them is least at t* = −d / (2(φ(1) − φ(0) − d)); γ ← γ t*, t* kept
+    within ANDERSON_BACKTRACK (its upper end where the quadratic says nothing). The budget is
+    K trial points, plus one for each rejected one, up to ANDERSON_EXTENSION. What follows a
+    spent budget is the blind step (`_blind_step_is_safe`)."""
     accepted = not trial.phi > point.phi + problem.noise(trial)
-    halved = not accepted and not accelerated
-    return _Verdict(accepted, step_size / 2 if halved else step_size, evaluated < budget)
+    rejected += not accepted
+    if not accepted and not accelerated:
+        slope = _dot(point.residual, delta)
+        curvature = trial.phi - point.phi - slope
+        low, high = ANDERSON_BACKTRACK
+        usable = slope < 0 and curvature > 0 and math.isfinite(curvature)
+        step_size *= min(max(-slope / (2 * curvature), low), high) if usable else high
+    extended = budget + min(rejected, ANDERSON_EXTENSION)
+    return _Verdict(accepted, step_size, evaluated < extended)
 
 
 def _anderson(
@@ -312,7 +326,9 @@ def _anderson(
             history.pop(0)
         trial = problem.evaluate(point.x + delta, point.u + delta)
         evaluated += 1
-        verdict = _judge(problem, point, trial, accelerated, step_size, evaluated, budget)
+        verdict = _judge(
+            problem, point, trial, delta, accelerated, step_size, evaluated, rejected, budget
+        )
         step_size, budget_left = verdict.step_size, verdict.budget_left
         if not verdict.accepted:
             history.clear()
