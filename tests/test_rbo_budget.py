@@ -6,10 +6,9 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 from rollingball import RBO
@@ -60,47 +59,53 @@ def smooth_bowl(curvature: list[float], quartic: float, bump: float, width: floa
     return f
 
 
-pairs = st.lists(st.floats(-2.0, 2.0), min_size=2, max_size=2)
+def blind_step_sample(count: int, seed: int = 0) -> tuple[int, int]:
+    """`count` random smooth bowls and single steps, seeded: 1–2-d, curvatures −1 to 8, η and
+    ρ log-uniform in [0.01, 1.5] and [0.01, 3], budgets 1–2 (where blind steps are most
+    frequent), memories 1–3. Returns the number of steps that ended blind, and of those whose
+    φ at the new point exceeds φ at the last evaluated point."""
+    rng = np.random.default_rng(seed)
+    blind = worse = 0
+    for _ in range(count):
+        dim = int(rng.integers(1, 3))
+        f = smooth_bowl(
+            list(rng.uniform(-1.0, 8.0, dim)),
+            float(rng.uniform(0.0, 1.0)),
+            float(rng.uniform(-2.0, 2.0)),
+            float(rng.uniform(0.5, 2.0)),
+            list(rng.uniform(-2.0, 2.0, dim)),
+        )
+        theta = torch.tensor(rng.uniform(-2.0, 2.0, dim), dtype=torch.float64)
+        lr, radius = np.exp(rng.uniform(np.log([0.01, 0.01]), np.log([1.5, 3.0])))
+        budget, memory = int(rng.integers(1, 3)), int(rng.integers(1, 4))
+        opt, x, points = roll_once(
+            f,
+            theta,
+            lr=float(lr),
+            radius=float(radius),
+            projection_steps=budget,
+            projection_tol=1e-10,
+            anderson_memory=memory,
+        )
+        assert opt.last_stats["grad_evals"] == len(points)
+        if opt.last_stats["blind_step"]:
+            blind += 1
+            centre, height = moved_centre(f, theta, float(lr), float(radius))
+            last = phi(f, points[-1], centre, height)
+            worse += phi(f, x, centre, height) > last * (1 + 1e-12) + 1e-15
+    return blind, worse
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
-@given(
-    dim=st.integers(1, 2),
-    curvature=st.lists(st.floats(-1.0, 8.0), min_size=2, max_size=2),
-    quartic=st.floats(0.0, 1.0),
-    bump=st.floats(-2.0, 2.0),
-    width=st.floats(0.5, 2.0),
-    at=pairs,
-    start=pairs,
-    lr=st.floats(0.01, 1.5),
-    radius=st.floats(0.01, 3.0),
-    budget=st.integers(1, 4),
-    memory=st.integers(1, 3),
-)
-def test_the_blind_step_never_moves_the_ball_further_from_the_graph(
-    dim, curvature, quartic, bump, width, at, start, lr, radius, budget, memory
-):
-    """When the solver takes its last step blind, φ at the new point is no larger than at the
-    last evaluated point: the step it did not pay for does not make the projection worse, for
-    balls far larger than the landscape's radius of curvature too. A fixed sample of 300
-    landscapes: the rule is a model-based guard, not a proof, and
-    `benchmarks/bench_blind_step.py` measures how rarely it errs on random ones."""
-    f = smooth_bowl(curvature[:dim], quartic, bump, width, at[:dim])
-    theta = torch.tensor(start[:dim], dtype=torch.float64)
-    opt, x, points = roll_once(
-        f,
-        theta,
-        lr=lr,
-        radius=radius,
-        projection_steps=budget,
-        projection_tol=1e-10,
-        anderson_memory=memory,
-    )
-    assert opt.last_stats["grad_evals"] == len(points)
-    if opt.last_stats["blind_step"]:
-        centre, height = moved_centre(f, theta, lr, radius)
-        last = phi(f, points[-1], centre, height)
-        assert phi(f, x, centre, height) <= last * (1 + 1e-12) + 1e-15
+def test_the_blind_step_rarely_moves_the_ball_further_from_the_graph():
+    """When the solver takes its last step blind, φ at the new point is rarely larger than at
+    the last evaluated point, for balls far larger than the landscape's radius of curvature
+    too. The rule is a model-based guard, not a proof: on 1-d bowls with ρλ ≈ 10 it can err
+    (ρ = 2.75, λ = 3.9, quartic 0.5, θ = 0.625, η = 0.39, K = 1: φ 4.235 after the blind step
+    against 3.914 at the last evaluated point). `benchmarks/bench_blind_step.py` measures the
+    rate on random MLP landscapes."""
+    blind, worse = blind_step_sample(300)
+    assert blind >= 50  # the sample exercises the rule
+    assert worse <= 0.03 * blind
 
 
 def digits_gelu_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
