@@ -13,13 +13,12 @@ K closure calls to come as close. Prints n, e, K and the ratio K / n. Also per m
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from rollingball import RBO
+from stepping import one_step
 
 SETTINGS = [(0.5, 0.1), (0.5, 1.0), (1.0, 0.5)]
 
@@ -36,21 +35,6 @@ def problem(device: str = "cpu") -> tuple[nn.Module, torch.Tensor, torch.Tensor]
         nn.functional.cross_entropy(model(x), y).backward()
         sgd.step()
     return model, x, y
-
-
-def one_step(start: nn.Module, x, y, **options) -> tuple[torch.Tensor, dict]:
-    """The parameters after one RBO step from `start`, and the step's stats."""
-    model = copy.deepcopy(start)
-    opt = RBO(model.parameters(), **options)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), opt.last_stats
 
 
 def gd_calls_to_reach(start, x, y, lr, radius, exact, error) -> int | None:

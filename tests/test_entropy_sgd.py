@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rollingball.baselines.entropy_sgd import EntropySGD
+from stepping import loss_closure
 
 
 def _quadratic(n=4, seed=0):
@@ -84,13 +85,7 @@ def test_noise_has_the_sgld_scale():
     opt = EntropySGD(
         [x], lr=1.0, gamma=1.0, scoping=0.0, noise=0.5, inner_lr=0.04, alpha=1.0, langevin_steps=1
     )
-
-    def closure():
-        opt.zero_grad()
-        loss = (x * 0).sum()
-        loss.backward()
-        return loss
-
+    closure = loss_closure(opt, lambda: (x * 0).sum())
     torch.manual_seed(0)
     opt.step(closure)
     # x_new = x - lr * gamma * (x - x') = x' = sqrt(0.04) * 0.5 * N(0, 1): std 0.1
