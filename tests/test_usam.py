@@ -114,7 +114,12 @@ def test_registry_builds_usam_and_refuses_bad_values():
     opt = build_optimizer("usam", [theta], lr=0.2, rho=0.3)
     assert isinstance(opt, USAM)
     assert opt.param_groups[0]["momentum"] == 0.0 and opt.param_groups[0]["rho"] == 0.3
-    with pytest.raises(ValueError, match="rho"):
-        USAM([theta], rho=-1.0)
+    for kwargs, error, message in (
+        (dict(rho=-1.0), ValueError, r"USAM: rho must be a finite number >= 0, got -1\.0"),
+        (dict(weight_decay=float("inf")), ValueError, "USAM: weight_decay must be .* got inf"),
+        (dict(lr="0.1"), TypeError, "USAM: lr must be a finite int or float >= 0, got str"),
+    ):
+        with pytest.raises(error, match=message):
+            USAM([theta], **kwargs)
     with pytest.raises(RuntimeError, match="closure"):
         opt.step()
