@@ -15,26 +15,18 @@ from __future__ import annotations
 import argparse
 
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
-from stepping import one_step
+from stepping import digits, one_step, sgd_steps
 
 SETTINGS = [(0.5, 0.1), (0.5, 1.0), (1.0, 0.5)]
 
 
 def problem(device: str = "cpu") -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    digits = load_digits()
-    x = torch.tensor(digits.data[:256] / 16.0, dtype=torch.float64, device=device)
-    y = torch.tensor(digits.target[:256], device=device)
+    x, y = digits(256, device)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double().to(device)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(20):
-        sgd.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        sgd.step()
-    return model, x, y
+    return sgd_steps(model, x, y, lr=0.5, steps=20), x, y
 
 
 def gd_calls_to_reach(start, x, y, lr, radius, exact, error) -> int | None:

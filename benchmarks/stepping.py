@@ -46,6 +46,25 @@ def flat_params(params: Iterable[Tensor]) -> Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
+def digits(rows: int = 256, device: str = "cpu") -> tuple[Tensor, Tensor]:
+    """The first ``rows`` of scikit-learn's bundled digits: pixels / 16 in float64, labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data[:rows] / 16.0, dtype=torch.float64, device=device)
+    return x, torch.tensor(data.target[:rows], device=device)
+
+
+def sgd_steps(model: nn.Module, x: Tensor, y: Tensor, lr: float, steps: int) -> nn.Module:
+    """``steps`` steps of plain SGD on the cross-entropy of ``model(x)``; returns the model."""
+    sgd = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        sgd.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sgd.step()
+    return model
+
+
 def one_step(
     start: nn.Module, x: Tensor, y: Tensor, opt_class: Any = RBO, **options: Any
 ) -> tuple[Tensor, dict[str, Any]]:

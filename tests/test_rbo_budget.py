@@ -10,7 +10,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rollingball import RBO
-from stepping import model_closure, moved_centre, one_step, phi, roll_once, smooth_bowl
+from stepping import (
+    digits,
+    model_closure,
+    moved_centre,
+    one_step,
+    phi,
+    roll_once,
+    sgd_steps,
+    smooth_bowl,
+)
 
 pairs = st.lists(st.floats(-2.0, 2.0), min_size=2, max_size=2)
 
@@ -60,22 +69,13 @@ def test_the_blind_step_never_moves_the_ball_further_from_the_graph(
 
 def digits_gelu_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A GELU MLP 64-64-64-64-10 on 256 scikit-learn digits, float64, after 60 SGD steps."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.data[:256] / 16.0)
-    y = torch.tensor(digits.target[:256])
+    x, y = digits(256)
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for width_in in (64, 64, 64):
         layers += [nn.Linear(width_in, 64), nn.GELU()]
     model = nn.Sequential(*layers, nn.Linear(64, 10)).double()
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(60):
-        sgd.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        sgd.step()
-    return model, x, y
+    return sgd_steps(model, x, y, lr=0.1, steps=60), x, y
 
 
 @pytest.mark.parametrize(
