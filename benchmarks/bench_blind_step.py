@@ -15,24 +15,17 @@ above its value at the last evaluated point.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 
 import torch
 
-from rollingball import RBO
+from stepping import moved_centre, phi, roll_once, smooth_bowl
 
 
 def smooth(rng: random.Random, dim: int):
-    scale = torch.tensor([rng.uniform(-1, 8) for _ in range(dim)], dtype=torch.float64)
+    scale = [rng.uniform(-1, 8) for _ in range(dim)]
     quartic, bump, width = rng.uniform(0, 1), rng.uniform(-2, 2), rng.uniform(0.5, 2)
-    centre = torch.tensor([rng.uniform(-2, 2) for _ in range(dim)], dtype=torch.float64)
-
-    def f(x: torch.Tensor) -> torch.Tensor:
-        well = torch.exp(-(x - centre).square().sum() / (2 * width**2))
-        return 0.5 * (scale * x * x).sum() + 0.25 * quartic * (x**4).sum() + bump * well
-
-    return f
+    return smooth_bowl(scale, quartic, bump, width, [rng.uniform(-2, 2) for _ in range(dim)])
 
 
 def wrinkled(rng: random.Random, dim: int):
@@ -45,11 +38,6 @@ def wrinkled(rng: random.Random, dim: int):
     return f
 
 
-def phi_at(f, x: torch.Tensor, centre: torch.Tensor, height: float) -> float:
-    with torch.no_grad():
-        return 0.5 * float((x - centre).square().sum()) + 0.5 * (float(f(x)) - height) ** 2
-
-
 def one_sample(rng: random.Random, family) -> tuple[bool, bool]:
     """(blind step taken, and it left φ worse than the last evaluated point)."""
     dim = rng.randint(1, 2)
@@ -57,36 +45,20 @@ def one_sample(rng: random.Random, family) -> tuple[bool, bool]:
     theta = torch.tensor([rng.uniform(-2, 2) for _ in range(dim)], dtype=torch.float64)
     lr, radius = rng.uniform(0.01, 1.5), rng.uniform(0.01, 3)
     budget, memory = rng.randint(1, 4), rng.randint(1, 3)
-    x = theta.clone().requires_grad_(True)
-    opt = RBO(
-        [x],
+    opt, x, points = roll_once(
+        f,
+        theta,
         lr=lr,
         radius=radius,
         projection_steps=budget,
         projection_tol=1e-10,
         anderson_memory=memory,
     )
-    points = []
-
-    def closure():
-        points.append(x.detach().clone())
-        opt.zero_grad()
-        loss = f(x)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
     if not opt.last_stats["blind_step"]:
         return False, False
-    start = theta.clone().requires_grad_(True)
-    value = f(start)
-    (g,) = torch.autograd.grad(value, start)
-    value = value.detach()
-    s = math.sqrt(1 + float(g @ g))
-    centre = theta - radius * g / s - lr * g
-    height = float(value) + radius / s - lr * float(g @ g)
-    last = phi_at(f, points[-1], centre, height)
-    return True, phi_at(f, x.detach(), centre, height) > last * (1 + 1e-12) + 1e-15
+    centre, height = moved_centre(f, theta, lr, radius)
+    last = phi(f, points[-1], centre, height)
+    return True, phi(f, x, centre, height) > last * (1 + 1e-12) + 1e-15
 
 
 def main() -> None:

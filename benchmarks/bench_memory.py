@@ -27,6 +27,7 @@ from torch import nn
 
 from rollingball import RBO
 from rollingball.diagnostics.memory import peak_step_memory, storage_bytes, workspace_tensors
+from stepping import model_closure
 
 OPTIMIZERS = {
     "Adam": lambda p: torch.optim.Adam(p, lr=1e-3),
@@ -91,13 +92,7 @@ def rss_in_this_process(name: str, width: int, device_name: str = "cpu") -> dict
     reset = (lambda: _reset_cuda_peak(device)) if cuda else _reset_peak
     peak = (lambda: torch.cuda.max_memory_allocated(device)) if cuda else _peak_rss_bytes
     opt = OPTIMIZERS[name](model.parameters())
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = model_closure(opt, model, x, y, nn.functional.mse_loss)
     for _ in range(2):
         opt.step(closure)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -121,13 +116,7 @@ def tracker(name: str) -> tuple[float, float, float]:
         nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
     )
     opt = OPTIMIZERS[name](model.parameters())
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = model_closure(opt, model, x, y)
     opt.step(closure)  # the first step creates the state
     memory = peak_step_memory(opt, closure)
     return memory.state_buffers, memory.workspace_bytes / memory.param_bytes, memory.peak_buffers

@@ -13,44 +13,20 @@ K closure calls to come as close. Prints n, e, K and the ratio K / n. Also per m
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
-from rollingball import RBO
+from stepping import digits, one_step, sgd_steps
 
 SETTINGS = [(0.5, 0.1), (0.5, 1.0), (1.0, 0.5)]
 
 
 def problem(device: str = "cpu") -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    digits = load_digits()
-    x = torch.tensor(digits.data[:256] / 16.0, dtype=torch.float64, device=device)
-    y = torch.tensor(digits.target[:256], device=device)
+    x, y = digits(256, device)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double().to(device)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(20):
-        sgd.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        sgd.step()
-    return model, x, y
-
-
-def one_step(start: nn.Module, x, y, **options) -> tuple[torch.Tensor, dict]:
-    """The parameters after one RBO step from `start`, and the step's stats."""
-    model = copy.deepcopy(start)
-    opt = RBO(model.parameters(), **options)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), opt.last_stats
+    return sgd_steps(model, x, y, lr=0.5, steps=20), x, y
 
 
 def gd_calls_to_reach(start, x, y, lr, radius, exact, error) -> int | None:

@@ -10,6 +10,7 @@ from torch import nn
 
 from rollingball import RBO
 from rollingball.integrations import LossScaler
+from stepping import loss_closure
 
 STEPS = 6
 
@@ -36,12 +37,7 @@ def train(
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
             return nn.functional.cross_entropy(model(x), y)
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        return loss
-
+    closure = loss_closure(opt, loss_fn)
     losses: list[float | None] = []
     for _ in range(STEPS):
         loss = opt.step(closure) if scaler is None else scaler.step(opt, loss_fn)

@@ -10,6 +10,7 @@ from torch import nn
 from rollingball import RBO
 from rollingball.experiments.optimizers import build_optimizer
 from rollingball.optim.batchnorm import first_call_updates_batchnorm, running_stat_buffers
+from stepping import model_closure
 
 
 def _model():
@@ -68,14 +69,7 @@ def test_without_the_helper_every_call_updates_the_statistics():
     model = _model()
     x, y = _batch()
     opt = RBO(model.parameters(), lr=0.1, radius=0.5)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    opt.step(model_closure(opt, model, x, y))
     tracked = int(running_stat_buffers(model)[2])
     assert tracked == opt.last_stats["grad_evals"] >= 2
 

@@ -18,6 +18,7 @@ from rollingball.experiments.claims.laws import (
     truncated_rate,
     usam_stability_threshold,
 )
+from stepping import flat_params, loss_closure, one_step
 
 CONVERGED = {
     "projection": "anderson",
@@ -86,23 +87,9 @@ def _net():
 
 
 def _step(model, x, y, opt_class, **kw):
-    start = [p.detach().clone() for p in model.parameters()]
-    opt = opt_class(model.parameters(), **kw)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    delta = torch.cat(
-        [(p.detach() - s).reshape(-1) for p, s in zip(model.parameters(), start, strict=True)]
-    )
-    with torch.no_grad():
-        for p, s in zip(model.parameters(), start, strict=True):
-            p.copy_(s)
-    return delta
+    """The change one step of `opt_class` makes, from a copy of the model."""
+    after, _ = one_step(model, x, y, opt_class, **kw)
+    return after - flat_params(model.parameters())
 
 
 def _grad_hvp(model, x, y):
@@ -137,7 +124,7 @@ def _net_loss(model, x, y):
     """The net's loss as a function of its flat parameter vector, and that vector."""
     params = list(model.parameters())
     names = [n for n, _ in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    flat = flat_params(params)
 
     def f(vector):
         chunks, start = {}, 0
@@ -189,14 +176,7 @@ def _rbo_on(fn, theta, **kw):
     """A parameter at θ, an RBO over it, and the closure of the loss fn(p)."""
     p = nn.Parameter(theta.clone())
     opt = RBO([p], **kw)
-
-    def closure():
-        opt.zero_grad()
-        loss = fn(p)
-        loss.backward()
-        return loss
-
-    return p, opt, closure
+    return p, opt, loss_closure(opt, lambda: fn(p))
 
 
 def _rbo_step_and_stats(fn, theta, **kw):
@@ -333,13 +313,7 @@ def test_usam_with_momentum_is_rbo_with_momentum_on_a_quadratic_near_its_minimum
     def path(opt_class, **kw):
         p = nn.Parameter(theta.clone())
         opt = opt_class([p], lr=lr, momentum=mu, **kw)
-
-        def closure():
-            opt.zero_grad()
-            loss = f(p)
-            loss.backward()
-            return loss
-
+        closure = loss_closure(opt, lambda: f(p))
         for _ in range(steps):
             opt.step(closure)
         return p.detach()

@@ -12,6 +12,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from rollingball import RBO
+from stepping import model_closure
 
 STEPS = 3
 
@@ -30,13 +31,7 @@ def train(backend: str | None) -> tuple[nn.Module, list[int], list[float]]:
     for _ in range(STEPS):
         x = torch.randn(16, 6, generator=generator)
         y = torch.randint(0, 3, (16,), generator=generator)
-
-        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
+        closure = model_closure(opt, model, x, y)
         losses.append(float(opt.step(closure).detach()))
         calls.append(opt.last_stats["grad_evals"])
     return net, calls, losses

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rollingball.baselines.entropy_sgd import EntropySGD
+from stepping import loss_closure
 
 
 def _quadratic(n=4, seed=0):
@@ -84,13 +85,7 @@ def test_noise_has_the_sgld_scale():
     opt = EntropySGD(
         [x], lr=1.0, gamma=1.0, scoping=0.0, noise=0.5, inner_lr=0.04, alpha=1.0, langevin_steps=1
     )
-
-    def closure():
-        opt.zero_grad()
-        loss = (x * 0).sum()
-        loss.backward()
-        return loss
-
+    closure = loss_closure(opt, lambda: (x * 0).sum())
     torch.manual_seed(0)
     opt.step(closure)
     # x_new = x - lr * gamma * (x - x') = x' = sqrt(0.04) * 0.5 * N(0, 1): std 0.1
@@ -118,16 +113,22 @@ def test_momentum_matches_heavy_ball_on_the_local_entropy_gradient():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(lr=-1.0), "lr"),
+        (dict(lr=-1.0), r"EntropySGD: lr must be a finite number >= 0, got -1\.0"),
         (dict(langevin_steps=0), "langevin_steps"),
         (dict(alpha=0.0), "alpha"),
-        (dict(noise=float("nan")), "noise"),
+        (dict(noise=float("nan")), "EntropySGD: noise must be a finite number >= 0, got nan"),
         (dict(nesterov=True), "nesterov"),
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EntropySGD([torch.zeros(1, requires_grad=True)], **kwargs)
+
+
+def test_a_rate_of_the_wrong_type_is_refused_by_its_type():
+    message = "EntropySGD: gamma must be a finite int or float >= 0, got str"
+    with pytest.raises(TypeError, match=message):
+        EntropySGD([torch.zeros(1, requires_grad=True)], gamma="0.03")
 
 
 def test_step_needs_a_closure():

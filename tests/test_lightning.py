@@ -22,6 +22,7 @@ from rollingball.optim.accumulation import (  # noqa: E402
     split_batch,
 )
 from rollingball.optim.batchnorm import running_stat_buffers  # noqa: E402
+from stepping import model_closure  # noqa: E402
 
 # Lightning 2.6 with a newer torch warns about its own use of torch.utils._pytree
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
@@ -92,14 +93,7 @@ def plain_loop() -> tuple[nn.Module, list[int]]:
     opt = RBO(net.parameters(), **RBO_ARGS)
     calls = []
     for x, y in DataLoader(make_data(), batch_size=16):
-
-        def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(net(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(model_closure(opt, net, x, y))
         calls.append(opt.last_stats["grad_evals"])
     return net, calls
 

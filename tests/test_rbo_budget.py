@@ -3,60 +3,22 @@ closure calls and host synchronisations."""
 
 from __future__ import annotations
 
-import copy
-import math
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from rollingball import RBO
-
-
-def phi(f, x: torch.Tensor, centre: torch.Tensor, height: float) -> float:
-    """φ(x) = ½‖x − θ̃‖² + ½(f(x) − ỹ)², computed independently of the optimizer."""
-    with torch.no_grad():
-        return 0.5 * float((x - centre).square().sum()) + 0.5 * (float(f(x)) - height) ** 2
-
-
-def moved_centre(f, theta: torch.Tensor, lr: float, radius: float) -> tuple[torch.Tensor, float]:
-    x = theta.detach().clone().requires_grad_(True)
-    value = f(x)
-    (g,) = torch.autograd.grad(value, x)
-    value = value.detach()
-    s = math.sqrt(1 + float(g @ g))
-    return theta - radius * g / s - lr * g, float(value) + radius / s - lr * float(g @ g)
-
-
-def roll_once(f, theta: torch.Tensor, **options) -> tuple[RBO, torch.Tensor, list[torch.Tensor]]:
-    """One RBO step from θ; returns the optimizer, the new point and every evaluated point."""
-    x = theta.detach().clone().requires_grad_(True)
-    opt = RBO([x], **options)
-    points = []
-
-    def closure():
-        points.append(x.detach().clone())
-        opt.zero_grad()
-        loss = f(x)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return opt, x.detach(), points
-
-
-def smooth_bowl(curvature: list[float], quartic: float, bump: float, width: float, at: list[float]):
-    """½ Σ λ_i x_i² + q/4 Σ x_i⁴ + b exp(−‖x − c‖²/2w²): curvatures from −1 to 8, so that balls
-    up to ρ = 3 reach ρλ ≈ 24, on a landscape whose curvature varies on scales ≥ 0.5."""
-    scale = torch.tensor(curvature, dtype=torch.float64)
-    centre = torch.tensor(at, dtype=torch.float64)
-
-    def f(x: torch.Tensor) -> torch.Tensor:
-        well = torch.exp(-(x - centre).square().sum() / (2 * width**2))
-        return 0.5 * (scale * x * x).sum() + 0.25 * quartic * (x**4).sum() + bump * well
-
-    return f
+from stepping import (
+    digits,
+    model_closure,
+    moved_centre,
+    one_step,
+    phi,
+    roll_once,
+    sgd_steps,
+    smooth_bowl,
+)
 
 
 def blind_step_sample(count: int, seed: int = 0) -> tuple[int, int]:
@@ -110,36 +72,13 @@ def test_the_blind_step_rarely_moves_the_ball_further_from_the_graph():
 
 def digits_gelu_mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A GELU MLP 64-64-64-64-10 on 256 scikit-learn digits, float64, after 60 SGD steps."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.data[:256] / 16.0)
-    y = torch.tensor(digits.target[:256])
+    x, y = digits(256)
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for width_in in (64, 64, 64):
         layers += [nn.Linear(width_in, 64), nn.GELU()]
     model = nn.Sequential(*layers, nn.Linear(64, 10)).double()
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(60):
-        sgd.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        sgd.step()
-    return model, x, y
-
-
-def step_from(model: nn.Module, x, y, **options) -> tuple[torch.Tensor, dict]:
-    model = copy.deepcopy(model)
-    opt = RBO(model.parameters(), **options)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), opt.last_stats
+    return sgd_steps(model, x, y, lr=0.1, steps=60), x, y
 
 
 @pytest.mark.parametrize(
@@ -156,13 +95,13 @@ def test_one_projection_call_lands_near_the_contact_point_not_on_sgds(
     """projection_steps=1 costs 2 closure calls and, with its blind step, lands a few percent
     of SGD's distance from the exact contact point; 2 projection calls land within 0.5%."""
     model, x, y = digits_gelu_mlp()
-    exact, stats = step_from(
+    exact, stats = one_step(
         model, x, y, lr=lr, radius=radius, projection_steps=200, projection_tol=1e-12
     )
     assert stats["converged"]
-    sgd, _ = step_from(model, x, y, lr=lr, radius=0.0)
+    sgd, _ = one_step(model, x, y, lr=lr, radius=0.0)
     for budget, bound in ((1, one_call), (2, two_calls)):
-        point, stats = step_from(
+        point, stats = one_step(
             model,
             x,
             y,
@@ -254,13 +193,7 @@ def test_host_synchronisations_per_projection_iteration(monkeypatch, projection)
             projection_tol=0.0,
             projection_step_size=0.5,
         )
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
+        closure = model_closure(opt, model, x, y)
         counter = SyncCounter(monkeypatch)
         opt.step(closure)
         monkeypatch.undo()

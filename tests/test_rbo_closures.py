@@ -12,6 +12,7 @@ from torch import nn
 from rollingball import RBO
 from rollingball.optim.batchnorm import running_stat_buffers
 from rollingball.optim.rbo import ProjectionWarning
+from stepping import model_closure
 
 # the projection's settings are explicit, so that the counts below do not follow the defaults
 SOLVER = dict(projection="anderson", projection_steps=20, projection_tol=1e-4)
@@ -133,14 +134,7 @@ def test_radius_zero_is_sgd_with_dropout_including_the_random_stream() -> None:
         opt = make(model.parameters())
         torch.manual_seed(3)
         for _ in range(5):
-
-            def closure(model: nn.Module = model, opt: torch.optim.Optimizer = opt) -> torch.Tensor:
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
+            opt.step(model_closure(opt, model, x, y))
         nets.append(model)
         draws.append(torch.rand(4))
     for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):

@@ -12,6 +12,7 @@ from rollingball import RBO
 from rollingball.diagnostics.memory import peak_step_memory
 from rollingball.optim import projection
 from rollingball.optim import rbo as rbo_module
+from stepping import model_closure
 
 SCALARS = 0.2  # the step's small results (per-tensor norms, inner products), in parameter sizes
 
@@ -22,20 +23,10 @@ def _mlp():
     return model, torch.randn(32, 20), torch.randint(0, 5, (32,))
 
 
-def _closure(model, opt, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
-
-
 def measure(**options):
     model, x, y = _mlp()
     opt = RBO(model.parameters(), **{"lr": 0.5, "radius": 0.5, "projection_steps": 6, **options})
-    closure = _closure(model, opt, x, y)
+    closure = model_closure(opt, model, x, y)
     opt.step(closure)
     return peak_step_memory(opt, closure)
 
@@ -127,7 +118,7 @@ def test_the_workspace_stays_at_the_working_set_when_the_parameters_change():
     working set, not one per parameter list, and stay exact."""
     model, x, y = _mlp()
     opt = RBO(model.parameters(), lr=0.5, radius=0.5, projection_steps=4, anderson_memory=1)
-    closure = _closure(model, opt, x, y)
+    closure = model_closure(opt, model, x, y)
     param_bytes = sum(p.nbytes for p in model.parameters())
     for step in range(8):
         frozen = step % 2 == 1  # every other step the last layer's bias gets no gradient

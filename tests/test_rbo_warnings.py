@@ -13,6 +13,7 @@ from torch import nn
 
 from rollingball import RBO
 from rollingball.optim.rbo import GRADIENT_RATIO, POOR_RESIDUAL, ProjectionWarning
+from stepping import model_closure
 
 QUICK_START = dict(lr=0.05, momentum=0.9, radius=0.1)  # README's quick start
 STEPS = 40
@@ -47,13 +48,7 @@ Closure = Callable[[RBO, nn.Module, torch.Tensor, torch.Tensor], Callable[[], to
 
 
 def plain(opt: RBO, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
+    return model_closure(opt, model, x, y)
 
 
 def bf16(opt: RBO, model: nn.Module, x: torch.Tensor, y: torch.Tensor):

@@ -320,14 +320,9 @@ def test_gd_at_tol_0_runs_its_k_iterations_even_where_the_residual_vanishes():
         assert float(w.detach()) == pytest.approx(0.05 - 0.1 / 2**0.5 - 0.1)
 
 
-def small_mlp() -> tuple[nn.Module, Callable[[nn.Module], Callable[[], Tensor]]]:
-    """The 5-16-3 tanh MLP of test_rbo_exact.py in float64, and its cross-entropy closure
-    on a fixed batch of 32."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
-    generator = torch.Generator().manual_seed(1)
-    x, y = torch.randn(32, 5, generator=generator), torch.randint(0, 3, (32,), generator=generator)
-    x = x.double()
+def cross_entropy_on(x: Tensor, y: Tensor) -> Callable[[nn.Module], Callable[[], Tensor]]:
+    """For a net, the closure of its cross-entropy on (x, y); without ``zero_grad``, since both
+    steps clear the gradients before every call."""
 
     def closure_for(net: nn.Module) -> Callable[[], Tensor]:
         def closure() -> Tensor:
@@ -337,7 +332,18 @@ def small_mlp() -> tuple[nn.Module, Callable[[nn.Module], Callable[[], Tensor]]]
 
         return closure
 
-    return model, closure_for
+    return closure_for
+
+
+def small_mlp() -> tuple[nn.Module, Callable[[nn.Module], Callable[[], Tensor]]]:
+    """The 5-16-3 tanh MLP of test_rbo_exact.py in float64, and its cross-entropy closure
+    on a fixed batch of 32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 5, generator=generator), torch.randint(0, 3, (32,), generator=generator)
+    x = x.double()
+    return model, cross_entropy_on(x, y)
 
 
 def trajectories(
@@ -432,16 +438,8 @@ def test_gathered_and_per_tensor_gradients_give_the_reference_steps(layout, memo
     x = torch.randn(64, sizes[0], dtype=torch.float64)
     y = torch.randint(0, sizes[-1], (64,))
 
-    def closure_for(net: nn.Module) -> Callable[[], Tensor]:
-        def closure() -> Tensor:
-            loss = nn.functional.cross_entropy(net(x), y)
-            loss.backward()
-            return loss
-
-        return closure
-
     fast, slow, model, twin = trajectories(
-        model, closure_for, 6, lr=0.5, radius=0.3, anderson_memory=memory
+        model, cross_entropy_on(x, y), 6, lr=0.5, radius=0.3, anderson_memory=memory
     )
     assert_same_steps(fast, slow)
     assert_same_parameters(model, twin, rtol=0, atol=1e-12)

@@ -6,6 +6,7 @@ from torch import nn
 
 from rollingball.baselines import USAM
 from rollingball.experiments.optimizers import CountingClosure, build_optimizer
+from stepping import loss_closure, model_closure
 
 
 def _quadratic(dtype=torch.float64):
@@ -16,13 +17,7 @@ def _quadratic(dtype=torch.float64):
 
 
 def _quadratic_closure(opt, a, b, theta):
-    def closure():
-        opt.zero_grad()
-        loss = 0.5 * theta @ a @ theta - b @ theta
-        loss.backward()
-        return loss
-
-    return closure
+    return loss_closure(opt, lambda: 0.5 * theta @ a @ theta - b @ theta)
 
 
 def test_quadratic_step_is_closed_form():
@@ -61,13 +56,7 @@ def test_mlp_steps_equal_a_hand_computation_with_momentum_and_weight_decay():
     model, x, y = _mlp_problem()
     lr, rho, mu, wd = 0.3, 0.1, 0.9, 0.01
     opt = USAM(model.parameters(), lr=lr, rho=rho, momentum=mu, weight_decay=wd)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
+    closure = model_closure(opt, model, x, y)
     theta = [p.detach().clone() for p in model.parameters()]
     buffers = None
     for _ in range(3):
@@ -91,14 +80,7 @@ def test_rho_zero_is_torch_sgd_with_momentum_and_decay():
     sgd = torch.optim.SGD(twin, lr=0.2, momentum=0.5, weight_decay=0.1)
     names = [name for name, _ in model.named_parameters()]
     for _ in range(3):
-
-        def closure():
-            ours.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        ours.step(closure)
+        ours.step(model_closure(ours, model, x, y))
         sgd.zero_grad()
         out = torch.func.functional_call(model, dict(zip(names, twin, strict=True)), (x,))
         nn.functional.cross_entropy(out, y).backward()
@@ -132,7 +114,12 @@ def test_registry_builds_usam_and_refuses_bad_values():
     opt = build_optimizer("usam", [theta], lr=0.2, rho=0.3)
     assert isinstance(opt, USAM)
     assert opt.param_groups[0]["momentum"] == 0.0 and opt.param_groups[0]["rho"] == 0.3
-    with pytest.raises(ValueError, match="rho"):
-        USAM([theta], rho=-1.0)
+    for kwargs, error, message in (
+        (dict(rho=-1.0), ValueError, r"USAM: rho must be a finite number >= 0, got -1\.0"),
+        (dict(weight_decay=float("inf")), ValueError, "USAM: weight_decay must be .* got inf"),
+        (dict(lr="0.1"), TypeError, "USAM: lr must be a finite int or float >= 0, got str"),
+    ):
+        with pytest.raises(error, match=message):
+            USAM([theta], **kwargs)
     with pytest.raises(RuntimeError, match="closure"):
         opt.step()

@@ -21,6 +21,7 @@ from rollingball.optim.geometry import (
     to_host,
 )
 from rollingball.optim.workspace import FlatBuffer, Workspace, flat_pair
+from stepping import model_closure
 
 
 def _params(dtype: torch.dtype) -> list[torch.Tensor]:
@@ -106,14 +107,7 @@ def _default_rbo_on_layers(layers: int) -> tuple[RBO, Callable[[], torch.Tensor]
     model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(layers)])
     x, y = torch.randn(16, 8), torch.randn(16, 8)
     opt = RBO(model.parameters(), lr=0.1, radius=0.5)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
-    return opt, closure
+    return opt, model_closure(opt, model, x, y, nn.functional.mse_loss)
 
 
 def _dots_per_default_step(layers: int) -> int:

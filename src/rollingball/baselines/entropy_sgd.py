@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from rollingball.spec import require_number
+
 __all__ = ["EntropySGD"]
 
 
@@ -62,17 +64,17 @@ class EntropySGD(Optimizer):
         nesterov: bool = False,
         weight_decay: float = 0.0,
     ) -> None:
-        for name, value in (
-            ("lr", lr),
-            ("inner_lr", inner_lr),
-            ("gamma", gamma),
-            ("scoping", scoping),
-            ("noise", noise),
-            ("momentum", momentum),
-            ("weight_decay", weight_decay),
-        ):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"EntropySGD: {name} must be a finite number >= 0, got {value}")
+        rates = dict(
+            lr=lr,
+            inner_lr=inner_lr,
+            gamma=gamma,
+            scoping=scoping,
+            noise=noise,
+            momentum=momentum,
+            weight_decay=weight_decay,
+        )
+        for name, value in rates.items():
+            require_number(value, f"EntropySGD: {name}")
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"EntropySGD: alpha must be in (0, 1], got {alpha}")
         if int(langevin_steps) != langevin_steps or langevin_steps < 1:
@@ -81,18 +83,7 @@ class EntropySGD(Optimizer):
             )
         if nesterov and momentum <= 0:
             raise ValueError("EntropySGD: nesterov momentum needs momentum > 0")
-        defaults = dict(
-            lr=lr,
-            inner_lr=inner_lr,
-            gamma=gamma,
-            scoping=scoping,
-            noise=noise,
-            alpha=alpha,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            langevin_steps=int(langevin_steps),
-        )
+        defaults = rates | dict(alpha=alpha, nesterov=nesterov, langevin_steps=int(langevin_steps))
         super().__init__(params, defaults)
         if len({g["langevin_steps"] for g in self.param_groups}) != 1:
             raise ValueError("EntropySGD: every parameter group must use the same langevin_steps")

@@ -23,13 +23,14 @@ and both steps are −η (I + ρH) v to O(ρ²); docs/claims.md, H1 with momentu
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from rollingball.spec import require_number
 
 __all__ = ["USAM"]
 
@@ -57,15 +58,9 @@ class USAM(Optimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
     ) -> None:
-        for name, value in (
-            ("lr", lr),
-            ("rho", rho),
-            ("momentum", momentum),
-            ("weight_decay", weight_decay),
-        ):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"USAM: {name} must be a finite number >= 0, got {value}")
         defaults = dict(lr=lr, rho=rho, momentum=momentum, weight_decay=weight_decay)
+        for name, value in defaults.items():
+            require_number(value, f"USAM: {name}")
         super().__init__(params, defaults)
         self.last_stats: dict[str, Any] = {}
 

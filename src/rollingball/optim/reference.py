@@ -444,6 +444,14 @@ def _coordinates(groups: list[list[Tensor]], values: list[float]) -> Tensor:
     return torch.cat(pieces)
 
 
+def _per_tensor(
+    groups: list[list[Tensor]], values: list[float]
+) -> tuple[list[Tensor], list[float]]:
+    """The parameters in order, and each one's group value."""
+    params = [p for group in groups for p in group]
+    return params, [value for group, value in zip(groups, values, strict=True) for _ in group]
+
+
 def _direction(
     groups: list[list[Tensor]],
     momentum: list[float],
@@ -451,8 +459,7 @@ def _direction(
     buffers: dict[Tensor, Tensor] | None,
 ) -> Tensor:
     """v = g, or v = μ v_prev + g with momentum μ (v = g at the first step)."""
-    params = [p for group in groups for p in group]
-    mus = [mu for group, mu in zip(groups, momentum, strict=True) for _ in group]
+    params, mus = _per_tensor(groups, momentum)
     pieces = []
     for p, p_g, mu in zip(params, _split(g, params), mus, strict=True):
         previous = None if buffers is None or mu == 0 else buffers.get(p)
@@ -467,8 +474,7 @@ def _keep_momentum(
     buffers: dict[Tensor, Tensor] | None,
 ) -> None:
     """Store v for the next step, once the step succeeded (groups with momentum only)."""
-    params = [p for group in groups for p in group]
-    mus = [mu for group, mu in zip(groups, momentum, strict=True) for _ in group]
+    params, mus = _per_tensor(groups, momentum)
     for p, p_v, mu in zip(params, _split(v, params), mus, strict=True):
         if mu != 0 and buffers is not None:
             buffers[p] = p_v.view_as(p).clone()
