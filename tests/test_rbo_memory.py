@@ -10,8 +10,7 @@ from torch import nn
 
 from rollingball import RBO
 from rollingball.diagnostics.memory import peak_step_memory
-from rollingball.optim import projection
-from rollingball.optim import rbo as rbo_module
+from rollingball.optim import problem, projection
 from stepping import model_closure
 
 SCALARS = 0.2  # the step's small results (per-tensor norms, inner products), in parameter sizes
@@ -49,7 +48,7 @@ def gathered(request, monkeypatch):
     """Whether the Anderson solver gathers the gradient into a flat buffer: this small MLP's
     tensors are below `GATHER_BELOW`, so it does unless the threshold is lowered to 0."""
     if not request.param:
-        monkeypatch.setattr(rbo_module, "GATHER_BELOW", 0)
+        monkeypatch.setattr(problem, "GATHER_BELOW", 0)
     return request.param
 
 

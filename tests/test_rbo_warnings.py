@@ -189,7 +189,9 @@ def test_steps_at_a_vanishing_learning_rate_do_not_count_as_poor() -> None:
 def test_a_fixed_budget_turns_the_watch_off() -> None:
     caught, stats, _ = train(clipping, **QUICK_START, projection_tol=0.0)
     assert caught == [] and poor(stats) > STEPS // 2
-    assert {s["grad_evals"] for s in stats} == {3}  # and no gradient test is spent
+    # no gradient test (3 more calls) is spent: a step costs 1 + K, and up to 2 more when
+    # trial points are rejected, as the clipping closure's are
+    assert max(s["grad_evals"] for s in stats) <= 1 + 2 + 2
 
 
 def test_the_gradient_test_costs_3_calls_and_leaves_the_run_as_it_was() -> None:

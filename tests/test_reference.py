@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from rollingball import RBO
+from rollingball.optim.problem import GATHER_BELOW
 from rollingball.optim.projection import SOLVERS
-from rollingball.optim.rbo import GATHER_BELOW
 from rollingball.optim.reference import rbo_step
 
 DECISIONS = ("grad_evals", "projection_steps", "safeguard_steps", "converged", "blind_step")

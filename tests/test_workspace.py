@@ -11,8 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rollingball import RBO
-from rollingball.optim import projection
-from rollingball.optim import rbo as rbo_module
+from rollingball.optim import problem, projection
 from rollingball.optim.geometry import (
     add_,
     inner_device,
@@ -135,7 +134,7 @@ def test_a_gathered_gradient_leaves_one_reduction_per_tensor(monkeypatch):
     tensor; with the threshold at 0 the per-tensor reductions come back."""
     few, many = _dots_per_default_step(2), _dots_per_default_step(40)
     assert (many - few) / (80 - 4) <= 1
-    monkeypatch.setattr(rbo_module, "GATHER_BELOW", 0)
+    monkeypatch.setattr(problem, "GATHER_BELOW", 0)
     few_apart, many_apart = _dots_per_default_step(2), _dots_per_default_step(40)
     assert (many_apart - few_apart) / (80 - 4) > 4
 

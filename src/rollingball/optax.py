@@ -107,7 +107,7 @@ def _zero_like(tree: Any) -> Any:
     return jax.tree.map(jnp.zeros_like, tree)
 
 
-# --- the projection (`rollingball.optim.rbo._Projection` and `optim.projection`) ---
+# --- the projection (`rollingball.optim.problem.CentreProjection` and `optim.projection`) ---
 
 
 class _Problem:

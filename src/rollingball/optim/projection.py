@@ -149,7 +149,7 @@ def _newton_difference(
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """p = u + c g in a workspace buffer and the difference D = p − q from the last p, q, in
     place of q, or, when q is the unformed multiple `ratio` of u (None: p₀ = (s + c₀)/s' · u
-    after the first plain step from θ, `AndersonProjection.solve`), D = p − ratio · u in a
+    after the first plain step from θ, `AndersonProjection._move`), D = p − ratio · u in a
     buffer of its own: one pass either way. Returns p, D and the terms of ‖p‖², ‖D‖² and
     ⟨D, p⟩."""
     p = workspace.add(u, g, c)
@@ -212,10 +212,10 @@ class GradientDescentProjection:
         unchecked = False  # an r was not reduced: a non-finite one is found later
         while True:
             residual = problem.grads  # r = u + m g, in place
-            lazy = problem.offset_scale
+            seat_scale = problem.offset_scale  # s while u = s g is not formed
             decides = self.tol > 0 or moves in (0, self.max_steps - 1)  # tol 0: K iterations
-            if lazy is not None:  # at θ with u = s g: r = (s + m) g, not formed
-                factor = lazy + evaluation.mismatch
+            if seat_scale is not None:  # at θ with u = s g: r = (s + m) g, not formed
+                factor = seat_scale + evaluation.mismatch
                 norm, along = abs(factor) * math.sqrt(evaluation.values[0]), -gamma * factor
             elif decides:  # ‖r‖² is also the check that the gradient is finite
                 terms = _residual(residual, problem.offset, evaluation.mismatch)
@@ -233,8 +233,8 @@ class GradientDescentProjection:
             if moves == self.max_steps:  # u is not needed after the last move
                 torch._foreach_add_(x, residual, alpha=along)
                 return ProjectionResult(moves - 1, initial, norm, blind_step=True)
-            if lazy is not None:  # u − γ r = (s − γ(s + m)) g
-                problem.seat_offset(lazy + along)
+            if seat_scale is not None:  # u − γ r = (s − γ(s + m)) g
+                problem.seat_offset(seat_scale + along)
                 torch._foreach_add_(x, residual, alpha=along)
             else:
                 _move(x, problem.offset, residual, along)
@@ -322,87 +322,153 @@ class AndersonProjection:
         return self.max_steps + min(safeguards, self.extension)
 
     def solve(self, problem: ProjectionProblem) -> ProjectionResult:
+        state = self._start(problem)
+        while state.norm > self.tol * state.initial:
+            if state.calls == self._budget(state.safeguards):  # the budget is spent
+                self._blind_step(state)
+                break
+            self._trial(state)
         workspace = problem.workspace
+        if state.newton is not None:
+            workspace.give(state.newton)
+        state.history.clear(workspace)
+        return ProjectionResult(
+            state.calls, state.initial, state.norm, state.safeguards, state.blind
+        )
+
+    def _start(self, problem: ProjectionProblem) -> _Solve:
+        """The state at x₀ = θ: p₀ = u + c g and ‖r(θ)‖ from ‖p₀‖² (one pass, one
+        synchronisation), or, while u = s g is not formed, p₀ = (s + c) g left unformed with
+        ‖p₀‖² = (s + c)²‖g‖² from host numbers."""
         point = self._point(problem.start())
         history = _History()
-        lazy = problem.offset_scale
-        newton: list[Tensor] | None  # p at the current point; None: p₀ = ratio · u, unformed
-        if lazy is None:
-            newton, fused = _newton(workspace, problem.offset, problem.grads, point.newton_shift)
+        seat_scale = problem.offset_scale
+        newton: list[Tensor] | None
+        if seat_scale is None:
+            newton, newton_sq = _newton(
+                problem.workspace, problem.offset, problem.grads, point.newton_shift
+            )
+            factor = math.nan
         else:  # u = s g: p = (s + c) g, and ‖p‖² = (s + c)²‖g‖² without a pass
-            factor = lazy + point.newton_shift
+            factor = seat_scale + point.newton_shift
             newton = None
-            fused = torch.tensor([factor * factor * point.grad_sq], dtype=torch.float64)
-        ratio = math.nan  # p₀ = ratio · u after the first move, while `newton` is None
-        norm, products = self._reduce(problem, point, [fused], history, [], False)
-        initial = norm
-        calls, safeguards, step_size, blind = 0, 0, self.step_size, False
-        previous: _Point | None = None  # the point before the last accepted trial
-        check: list[float] = []  # ⟨g, δ⟩ and ‖δ‖² of the step to the last evaluated point
-        fresh = True  # problem.grads is g at x_k (after a rejection: at the rejected point)
-        while norm > self.tol * initial:
-            accelerated = bool(history.x_steps)  # before the step drops the oldest difference
-            if calls == self._budget(safeguards):  # a blind step needs an accepted last trial
-                model_error = self._last_prediction(problem, previous, point, check)
-                if model_error is not None:  # no pass is spent on a step refused already
-                    step = self._step(workspace, newton, history, products, step_size, point)
-                    blind = self._blind_is_safe(
-                        problem, point, check, step, products[0], model_error
-                    )
-                    if blind:  # u is not needed after the last move
-                        step.move(problem.params)
-                    step.release(workspace)
-                break
-            step = self._step(workspace, newton, history, products, step_size)
-            last = calls + 1 == self._budget(safeguards) and fresh  # it decides the blind step
-            along = step.along(problem, point, products[0]) if last else ([], [])
-            offset_sq = None  # ‖u‖² at the trial point, when known without a pass
-            if lazy is not None:  # the first, plain step: x − γ(s + c) g, u = (s − γ(s + c)) g
-                seated = lazy + step.scale * factor
-                ratio = factor / seated if seated != 0 else math.inf
-                if not (math.isfinite(ratio) and _wide_range(problem.params)):
-                    newton = workspace.scaled(problem.grads, factor)  # p₀ ≠ ratio · u
-                    step = _Step(newton, step.scale)
-                torch._foreach_add_(problem.params, problem.grads, alpha=step.scale * factor)
-                problem.seat_offset(seated)
-                offset_sq = seated * seated * point.grad_sq  # ‖u‖² = s²‖g‖², as φ(θ)'s
-                lazy = None
-            else:
-                step.move(problem.params, problem.offset)
-            evaluation = problem.evaluate(self._reductions(problem, along[0], offset_sq))
-            trial = self._point(evaluation, offset_sq)
-            calls += 1
-            if trial.phi > point.phi + problem.phi_noise(trial.mismatch, trial.phi):
-                if newton is None:  # the plain step from θ, to be undone: form p₀ = ratio · u
-                    newton = workspace.scaled(problem.offset, ratio)
-                    step = _Step(newton, step.scale)
-                step.move(problem.params, problem.offset, -1.0)  # rejected: back to x_k
-                step.release(workspace)
-                history.clear(workspace)
-                safeguards += 1
-                if not accelerated:
-                    step_size *= self._shrink(point, products[0], trial.phi, step_size)
-                previous, products, fresh = None, products[:1], False
-                continue
-            new_newton, difference, fused_products = _newton_difference(  # D_k = p_{k+1} − p_k
-                workspace, newton, problem.offset, problem.grads, trial.newton_shift, ratio
-            )  # in place of p_k
-            history.append(step.kept(), difference)
+            newton_sq = torch.tensor([factor * factor * point.grad_sq], dtype=torch.float64)
+        norm, products = self._reduce(problem, point, [newton_sq], history, [], False)
+        return _Solve(
+            problem,
+            point,
+            initial=norm,
+            norm=norm,
+            products=products,
+            newton=newton,
+            step_size=self.step_size,
+            history=history,
+            seat_scale=seat_scale,
+            factor=factor,
+        )
+
+    def _blind_step(self, state: _Solve) -> None:
+        """After the budget's last evaluation: the step its point leads to, taken unevaluated
+        when the blind rules (see the class doc) hold."""
+        problem = state.problem
+        model_error = self._last_prediction(problem, state.previous, state.point, state.check)
+        if model_error is None:  # no pass is spent on a step refused already
+            return
+        step = self._step(
+            problem.workspace,
+            state.newton,
+            state.history,
+            state.products,
+            state.step_size,
+            state.point,
+        )
+        newton_sq = state.products[0]
+        state.blind = self._blind_is_safe(
+            problem, state.point, state.check, step, newton_sq, model_error
+        )
+        if state.blind:  # u is not needed after the last move
+            step.move(problem.params)
+        step.release(problem.workspace)
+
+    def _trial(self, state: _Solve) -> None:
+        """One trial point x_k + δ, evaluated (one closure call), then accepted or rejected."""
+        problem = state.problem
+        accelerated = bool(state.history.x_steps)  # before the step drops the oldest difference
+        step = self._step(
+            problem.workspace, state.newton, state.history, state.products, state.step_size
+        )
+        # the budget's last trial point decides the blind step: it needs ⟨g, δ⟩ and ‖δ‖²
+        last = state.calls + 1 == self._budget(state.safeguards) and state.fresh
+        along = step.along(problem, state.point, state.products[0]) if last else ([], [])
+        step, offset_sq = self._move(state, step)
+        evaluation = problem.evaluate(self._reductions(problem, along[0], offset_sq))
+        trial = self._point(evaluation, offset_sq)
+        state.calls += 1
+        if trial.phi > state.point.phi + problem.phi_noise(trial.mismatch, trial.phi):
+            self._reject(state, step, trial.phi, accelerated)
+        else:
             check = along[1] or evaluation.values[3 if offset_sq is None else 2 :]
-            previous, point, newton = point, trial, new_newton
-            fresh = True
-            blind_next = (  # the blind rule will want ⟨g, D_i⟩ (rule 1 holds)
-                calls == self._budget(safeguards)
-                and history.multiples_of_p()
-                and self._last_prediction(problem, previous, point, check) is not None
-            )
-            norm, products = self._reduce(
-                problem, point, fused_products, history, new_newton, blind_next
-            )
-        if newton is not None:
-            workspace.give(newton)
-        history.clear(workspace)
-        return ProjectionResult(calls, initial, norm, safeguards, blind)
+            self._accept(state, step, trial, check)
+
+    @staticmethod
+    def _move(state: _Solve, step: _Step) -> tuple[_Step, float | None]:
+        """x += δ and u += δ. The first, plain step from θ while u = s g is not formed moves
+        along g: x − γ(s + c) g, u = (s − γ(s + c)) g, with p₀ = ratio · u kept unformed where
+        the dtype's range allows (`WIDE_RANGE`). Returns the step (p₀ formed or not) and ‖u‖²
+        at the trial point when it is known without a pass (= s²‖g‖², as φ(θ)'s)."""
+        problem = state.problem
+        if state.seat_scale is None:
+            step.move(problem.params, problem.offset)
+            return step, None
+        seated = state.seat_scale + step.scale * state.factor
+        state.ratio = state.factor / seated if seated != 0 else math.inf
+        if not (math.isfinite(state.ratio) and _wide_range(problem.params)):
+            state.newton = problem.workspace.scaled(problem.grads, state.factor)  # p₀ ≠ ratio · u
+            step = _Step(state.newton, step.scale)
+        torch._foreach_add_(problem.params, problem.grads, alpha=step.scale * state.factor)
+        problem.seat_offset(seated)
+        state.seat_scale = None
+        return step, seated * seated * state.point.grad_sq
+
+    def _reject(self, state: _Solve, step: _Step, rejected_phi: float, accelerated: bool) -> None:
+        """Safeguard: back to x_k, the history forgotten; a rejected plain step shrinks γ."""
+        problem, workspace = state.problem, state.problem.workspace
+        if state.newton is None:  # the plain step from θ, to be undone: form p₀ = ratio · u
+            state.newton = workspace.scaled(problem.offset, state.ratio)
+            step = _Step(state.newton, step.scale)
+        step.move(problem.params, problem.offset, -1.0)  # rejected: back to x_k
+        step.release(workspace)
+        state.history.clear(workspace)
+        state.safeguards += 1
+        if not accelerated:
+            newton_sq = state.products[0]
+            state.step_size *= self._shrink(state.point, newton_sq, rejected_phi, state.step_size)
+        state.previous, state.products, state.fresh = None, state.products[:1], False
+
+    def _accept(self, state: _Solve, step: _Step, trial: _Point, check: list[float]) -> None:
+        """x_{k+1} = the trial point: p_{k+1} and D_k = p_{k+1} − p_k (in place of p_k, one
+        pass), the step kept as ΔX_k, and ‖r‖ with the new Gram row in one synchronisation."""
+        problem = state.problem
+        newton, difference, pass_terms = _newton_difference(
+            problem.workspace,
+            state.newton,
+            problem.offset,
+            problem.grads,
+            trial.newton_shift,
+            state.ratio,
+        )
+        state.history.append(step.kept(), difference)
+        state.check = check
+        state.previous, state.point, state.newton = state.point, trial, newton
+        state.fresh = True
+        blind_next = (  # the blind rule will want ⟨g, D_i⟩ (rule 1 holds)
+            state.calls == self._budget(state.safeguards)
+            and state.history.multiples_of_p()
+            and self._last_prediction(problem, state.previous, state.point, check) is not None
+        )
+        state.norm, state.products = self._reduce(
+            problem, state.point, pass_terms, state.history, newton, blind_next
+        )
 
     def _shrink(self, point: _Point, newton_sq: float, rejected: float, gamma: float) -> float:
         """The factor on γ after a rejected plain step δ = −γ p. Along x_k + t δ, φ is known at
@@ -439,19 +505,20 @@ class AndersonProjection:
     def _reduce(
         problem: ProjectionProblem,
         point: _Point,
-        fused: list[Tensor],
+        pass_terms: list[Tensor],
         history: _History,
         newton: list[Tensor],
         blind_next: bool,
     ) -> tuple[float, list[float]]:
         """One synchronisation: ‖p‖², the new Gram row ⟨D_i, D_new⟩ and the right-hand side
-        ⟨D_i, p⟩. `fused` holds ‖p‖², and with a history ‖D_new‖² and ⟨D_new, p⟩ from the pass
-        that formed them; the older D_i's products come here. Before a blind step that is a
-        combination of p and the D's, also ⟨g, D_i⟩, and ⟨u, D_i⟩ = ⟨D_i, p⟩ − c⟨g, D_i⟩ from
-        it (p = u + c g; kept in the history), from which the blind rule's products follow.
+        ⟨D_i, p⟩. `pass_terms` holds the terms of ‖p‖², and with a history of ‖D_new‖² and
+        ⟨D_new, p⟩, from the pass that formed them; the older D_i's products come here.
+        Before a blind step that is a combination of p and the D's, also ⟨g, D_i⟩, and
+        ⟨u, D_i⟩ = ⟨D_i, p⟩ − c⟨g, D_i⟩ from it (p = u + c g; kept in the history), from which
+        the blind rule's products follow.
         Returns (‖r‖, [‖p‖², *right-hand side])."""
         older = history.d_steps[:-1]
-        values = list(fused)
+        values = list(pass_terms)
         if older:
             last = history.d_steps[-1]
             values += [inner_device(d, last) for d in older]
@@ -500,12 +567,12 @@ class AndersonProjection:
         alpha = self._coefficients(history.gram, products[1:])
         on_p = -float(step_size)  # the coefficient of p
         on_d = []  # the coefficient of each D_i, oldest first
-        lazy = 0.0  # Σ_{j ≤ i} α_j β_j over the differences kept as multiples of p
+        from_multiples = 0.0  # Σ_{j ≤ i} α_j β_j over the differences kept as multiples of p
         for a, dx in zip(alpha, history.x_steps, strict=True):
             if isinstance(dx, float):
-                lazy += a * dx
-            on_d.append(step_size * a + lazy)
-        on_p -= lazy
+                from_multiples += a * dx
+            on_d.append(step_size * a + from_multiples)
+        on_p -= from_multiples
         kept = [
             (a, dx) for a, dx in zip(alpha, history.x_steps, strict=True) if isinstance(dx, list)
         ]
@@ -612,7 +679,7 @@ class _Step:
     """A step δ: `scale` times the current p plus Σ c_i D_i over `terms` (`buffer` None: no
     pass to form it), or the parameter-sized `buffer` (scale 1). `known` holds ⟨u, δ⟩, ⟨g, δ⟩
     and ‖δ‖² when they were found on the host. `newton` is None for the plain step from θ
-    while p₀ is not formed (`AndersonProjection.solve` moves along g then)."""
+    while p₀ is not formed (`AndersonProjection._move` moves along g then)."""
 
     newton: list[Tensor] | None
     scale: float
@@ -713,6 +780,29 @@ class _History:
         self.d_steps.clear()
         self.gram.clear()
         self.offset_d, self.grad_d = [], []
+
+
+@dataclass
+class _Solve:
+    """One Anderson projection's state, carried from trial point to trial point."""
+
+    problem: ProjectionProblem
+    point: _Point  # x_k, the last accepted point
+    initial: float  # ‖r(θ)‖
+    norm: float  # ‖r(x_k)‖
+    products: list[float]  # ‖p_k‖², then ⟨D_i, p_k⟩ oldest first
+    newton: list[Tensor] | None  # p_k; None: p₀ = ratio · u (or (s + c) g), unformed
+    step_size: float  # γ, shrunk by rejected plain steps
+    history: _History
+    seat_scale: float | None  # s while u = s g at θ is not formed (`problem.offset_scale`)
+    factor: float  # s + c₀ while u = s g: p₀ = (s + c₀) g
+    ratio: float = math.nan  # p₀ = ratio · u after the first move, while `newton` is None
+    calls: int = 0  # evaluated trial points
+    safeguards: int = 0  # rejected trial points
+    blind: bool = False  # the blind last step was taken
+    previous: _Point | None = None  # the point before the last accepted trial
+    check: list[float] = field(default_factory=list)  # ⟨g, δ⟩, ‖δ‖² of the last step
+    fresh: bool = True  # problem.grads is g at x_k (after a rejection: at the rejected point)
 
 
 def make_solver(

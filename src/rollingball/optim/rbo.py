@@ -18,7 +18,6 @@ import sys
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,18 +28,19 @@ from torch.optim import Optimizer
 from rollingball import defaults
 from rollingball.optim.batchnorm import first_call_updates_batchnorm
 from rollingball.optim.closure import StepClosure
-from rollingball.optim.geometry import (
-    copy_,
-    inner_device,
-    plain_cpu,
-    slope_factor,
-    squared_norm,
-    squared_norm_device,
-    to_host,
+from rollingball.optim.geometry import copy_, squared_norm
+from rollingball.optim.problem import (
+    CentreProjection,
+    Evaluated,
+    Landscape,
+    NonFinite,
+    flat,
+    many_small_tensors,
+    moved_centre,
 )
-from rollingball.optim.projection import Evaluation, NonFinite, Reductions, make_solver
+from rollingball.optim.projection import make_solver
 from rollingball.optim.workspace import Workspace
-from rollingball.spec import phi_noise, validate
+from rollingball.spec import validate
 
 Closure = Callable[[], Any]
 
@@ -86,204 +86,10 @@ POOR_WINDOW = 20
 # along it: a slope ratio outside [1/GRADIENT_RATIO, GRADIENT_RATIO] means the gradient is not
 # the loss's (clipping or rescaling in the closure).
 GRADIENT_RATIO = 1.5
-# Below this many elements per parameter tensor on average, the Anderson solver's gradient is
-# copied into one flat buffer after each closure call: one pass, which costs less than the
-# microseconds of Python that each of its per-tensor reductions and updates takes per tensor.
-GATHER_BELOW = 1 << 15
 
 
 class ProjectionWarning(UserWarning):
     """Many recent RBO steps ended far from the contact point the projection looks for."""
-
-
-_NonFinite = NonFinite  # a closure call produced a non-finite loss or gradient
-
-
-def _gradient_norm(grads: list[Tensor]) -> list[Tensor]:
-    return [squared_norm_device(grads)]
-
-
-class _Landscape:
-    """The closure seen as the landscape f = κ(±loss + Σ λ/2‖θ‖²) and its gradient."""
-
-    def __init__(
-        self,
-        closure: StepClosure,
-        groups: list[dict[str, Any]],
-        params: list[list[Tensor]],
-        settings: dict[str, Any],
-        process_group: Any,
-    ) -> None:
-        self.closure = closure
-        self.groups = groups
-        self.params = params
-        self.sign = -1.0 if settings["maximize"] else 1.0
-        self.scale = float(settings["loss_scale"])
-        self.process_group = process_group
-        self.first_grad_sq = math.nan  # ‖∇f(θ)‖², known after the first call
-
-    @property
-    def calls(self) -> int:
-        return self.closure.calls
-
-    def evaluate(self, reductions: Reductions = _gradient_norm) -> _Evaluated:
-        """One closure call: the closure's loss, f(x), the per-group ∇f(x) in `.grad` and the
-        caller's device `reductions` of the flat gradient (by default ‖∇f‖²), all transferred
-        to the host in one synchronisation; a non-finite reduction is a non-finite gradient."""
-        loss = self.closure()
-        if self.calls == 1:  # as in torch.optim, a parameter with no gradient at θ sits out
-            self.params = [[p for p in params if p.grad is not None] for params in self.params]
-        grads = [[self._grad(p) for p in params] for params in self.params]
-        scalars = [self._reduced(loss)]
-        decays = []
-        for group, params, group_grads in zip(self.groups, self.params, grads, strict=True):
-            if self.sign < 0:
-                torch._foreach_neg_(group_grads)
-            decay = group["weight_decay"]
-            if decay:
-                decays.append(decay)
-                scalars.append(squared_norm_device(params))
-                torch._foreach_add_(group_grads, params, alpha=decay)
-            if self.scale != 1.0:
-                torch._foreach_mul_(group_grads, self.scale)
-        scalars += reductions(_flat(grads))
-        host = to_host(scalars)
-        value = host[0]
-        if not math.isfinite(value):
-            raise _NonFinite(f"non-finite loss {value} at closure call {self.calls}")
-        value *= self.sign
-        value += sum(0.5 * d * norm_sq for d, norm_sq in zip(decays, host[1:], strict=False))
-        values = host[1 + len(decays) :]
-        if self.calls == 1:
-            self.first_grad_sq = values[0] if values else math.nan
-        if not all(map(math.isfinite, values)):
-            raise _NonFinite(f"non-finite gradient at closure call {self.calls}")
-        return _Evaluated(loss, value * self.scale, grads, values)
-
-    def _reduced(self, loss: Any) -> Tensor:
-        """The loss as a scalar tensor on the parameters' device (float64 when it must be
-        converted), averaged over the process group when training is distributed."""
-        device = next(p for params in self.params for p in params).device  # NCCL needs GPU
-        if self.process_group is None and isinstance(loss, Tensor) and loss.device == device:
-            return loss.detach().reshape(1)  # `to_host` sums in float64 anyway
-        total = torch.as_tensor(loss, device=device).detach().reshape(()).to(torch.float64)
-        if self.process_group is None:
-            return total
-        total = total.clone()
-        dist.all_reduce(total, group=self.process_group)
-        return total / dist.get_world_size(self.process_group)
-
-    @staticmethod
-    def _grad(param: Tensor) -> Tensor:
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        grad = param.grad
-        if grad.is_sparse:
-            raise RuntimeError(
-                "RBO does not support sparse gradients, at any radius (the ball's geometry "
-                "needs dense ones): use nn.Embedding(..., sparse=False)"
-            )
-        return grad
-
-
-@dataclass
-class _Evaluated:
-    """One closure call seen by the step: the closure's loss, f(x), the per-group ∇f(x) and
-    the values of the caller's reductions (by default ‖∇f‖²)."""
-
-    loss: Any
-    value: float
-    grads: list[list[Tensor]]
-    values: list[float]
-
-    @property
-    def grad_sq(self) -> float:
-        return self.values[0]
-
-
-@dataclass
-class _MovedCentre:
-    """The moved centre as the projection starts from it: u = θ − θ̃ (empty while it is the
-    multiple `offset_scale` of g, formed only when the solver first moves), h = ỹ − f(θ),
-    and ⟨g, u⟩ and ‖u‖² at θ."""
-
-    offset: list[Tensor]
-    offset_scale: float | None
-    lift: float
-    grad_offset: float
-    offset_sq: float
-
-
-class _Projection:
-    """The problem a projection solver sees (see `projection.ProjectionProblem`).
-
-    It caches the offset u = x − θ̃, which stays small and exact as x moves, and the height
-    mismatch m = f(x) − ỹ = (f(x) − f(θ)) − h with h = ỹ − f(θ) = ρ/s − Σ η⟨g, v⟩.
-    """
-
-    def __init__(
-        self,
-        landscape: _Landscape,
-        params: list[Tensor],
-        centre: _MovedCentre,
-        first: _Evaluated,
-        workspace: Workspace,
-        gathers: bool,
-    ) -> None:
-        self.landscape = landscape
-        self.params = params
-        self.offset = centre.offset  # formed by `seat_offset` when u = s g
-        self.offset_scale = centre.offset_scale
-        self.start_products = [centre.grad_offset, centre.offset_sq]
-        self.workspace = workspace
-        self.gathers = gathers
-        self.grads = self._gathered(_flat(first.grads))
-        first.grads = []  # handed over: see RBO._roll
-        self.start_value = first.value
-        self.start_grad_sq = first.grad_sq
-        self.lift = centre.lift
-        self.eps = torch.finfo(params[0].dtype).eps
-
-    @property
-    def calls(self) -> int:
-        return self.landscape.calls
-
-    def start(self) -> Evaluation:
-        return Evaluation(-self.lift, [self.start_grad_sq, *self.start_products])
-
-    def seat_offset(self, scale: float) -> None:
-        """u = scale · g at θ, in a workspace buffer (before the first evaluation)."""
-        if self.offset_scale is None or self.landscape.calls != 1:
-            raise RuntimeError("the offset is formed from the gradient at θ, once")
-        self.offset = self.workspace.scaled(self.grads, scale)
-        self.offset_scale = None
-
-    def evaluate(self, reductions: Reductions) -> Evaluation:
-        self.release_grads()  # the closure may replace the `.grad` tensors
-
-        def reduce(grads: list[Tensor]) -> list[Tensor]:  # right after the closure call
-            self.grads = self._gathered(grads)
-            return reductions(self.grads)
-
-        evaluated = self.landscape.evaluate(reduce)
-        mismatch = (evaluated.value - self.start_value) - self.lift
-        return Evaluation(mismatch, evaluated.values)
-
-    def _gathered(self, grads: list[Tensor]) -> list[Tensor]:
-        """The gradient copied into one flat workspace buffer when the parameters are many
-        small CPU tensors (`GATHER_BELOW`), so that every reduction and update with it runs
-        over the flat tensor; else the `.grad` tensors themselves."""
-        return self.workspace.copy(grads) if self.gathers else grads
-
-    def release_grads(self) -> None:
-        """Drop the gradient (a gathered copy goes back to the workspace)."""
-        if self.gathers and self.grads:
-            self.workspace.give(self.grads)
-        self.grads = []
-
-    def phi_noise(self, mismatch: float, phi: float) -> float:
-        """φ's round-off level (`rollingball.spec.phi_noise`)."""
-        return phi_noise(mismatch, phi, self.start_value, self.lift, self.eps)
 
 
 class RBO(Optimizer):
@@ -317,7 +123,7 @@ class RBO(Optimizer):
         maximize: roll on −f.
         anderson_memory: m, the differences the Anderson solver keeps; a step holds 2m + 3
             parameter-sized buffers at its peak (2m + 4 when it gathers the gradient of many
-            small CPU tensors, see `GATHER_BELOW`; gd: 2). On the CPU they are kept between
+            small CPU tensors, see `problem.GATHER_BELOW`; gd: 2). On the CPU they are kept between
             steps in `opt.workspace` and reused, which saves the page faults of fresh large
             allocations; `opt.workspace.clear()` releases them.
         on_nonfinite: "raise" (FloatingPointError) or "skip" the step; either way the
@@ -382,7 +188,7 @@ class RBO(Optimizer):
         fixed_randomness: bool = True,
         model: nn.Module | None = None,
     ) -> None:
-        defaults = dict(
+        group_defaults = dict(
             lr=lr,
             radius=radius,
             projection=projection,
@@ -397,8 +203,8 @@ class RBO(Optimizer):
             on_nonfinite=on_nonfinite,
             max_update=max_update,
         )
-        validate(defaults)
-        super().__init__(params, defaults)
+        validate(group_defaults)
+        super().__init__(params, group_defaults)
         self._shared_settings()
         self.process_group = process_group
         self.fixed_randomness = fixed_randomness
@@ -500,9 +306,9 @@ class RBO(Optimizer):
         if self.model is not None:
             closure = first_call_updates_batchnorm(self.model, closure)
         fixed = self.fixed_randomness and settings["radius"] > 0  # radius 0: one call anyway
-        caller = StepClosure(closure, _flat(params), fixed)
-        landscape = _Landscape(caller, groups, params, settings, self._resolved_process_group())
-        snapshot = self.workspace.copy(_flat(params)) if settings["radius"] else None
+        caller = StepClosure(closure, flat(params), fixed)
+        landscape = Landscape(caller, groups, params, settings, self._resolved_process_group())
+        snapshot = self.workspace.copy(flat(params)) if settings["radius"] else None
         loss: Any = None
         slope_ratio: float | None = None
         self._caller = caller
@@ -517,14 +323,14 @@ class RBO(Optimizer):
             else:
                 stats = self._roll(landscape, settings, active, first, directions)
                 if snapshot is not None and not stats["moved"]:  # x + δ − δ: undo round-off
-                    copy_(_flat(params), snapshot)
-                bounded = self._bound_update(settings, _flat(active), snapshot)
+                    copy_(flat(params), snapshot)
+                bounded = self._bound_update(settings, flat(active), snapshot)
                 if settings["projection_tol"] and self._watch_projection():  # tol 0: fixed K
                     slope_ratio = self._gradient_check(landscape)
         except BaseException as error:  # a bad value, a bad closure, Ctrl-C: nothing is lost
             if snapshot is not None:
-                copy_(_flat(params), snapshot)
-            if isinstance(error, _NonFinite):
+                copy_(flat(params), snapshot)
+            if isinstance(error, NonFinite):
                 message = str(error)
                 if settings["projection"] == "gd" and landscape.calls > 1:
                     gamma = settings["projection_step_size"]
@@ -538,7 +344,7 @@ class RBO(Optimizer):
             caller.finish()
             if snapshot is not None:  # radius > 0: `.grad` holds a trial point's or a residual
                 self.workspace.give(snapshot)
-                for p in _flat(params):
+                for p in flat(params):
                     p.grad = None
         self._commit_momentum(groups, active, directions)
         self._count_step(landscape.calls)
@@ -619,7 +425,7 @@ class RBO(Optimizer):
                 group_grads.append(g)
             params.append(group_params)
             grads.append(group_grads)
-        grad_sq = squared_norm(_flat(grads))
+        grad_sq = squared_norm(flat(grads))
         if not math.isfinite(grad_sq):
             policy = settings["on_nonfinite"]
             return self._skip_or_raise("non-finite gradient in .grad", policy, 0, None)
@@ -643,11 +449,11 @@ class RBO(Optimizer):
         poor = sum(self._poor_steps)
         return not (self._warned or len(self._poor_steps) < POOR_WINDOW or 2 * poor <= POOR_WINDOW)
 
-    def _gradient_check(self, landscape: _Landscape) -> float:
+    def _gradient_check(self, landscape: Landscape) -> float:
         """The closure's slope along its own gradient at θ over ‖∇f(θ)‖, 1 for a true gradient:
         (f(θ + εĝ) − f(θ − εĝ)) / (2ε‖∇f‖), ĝ = ∇f/‖∇f‖, ε = √eps·max(1, |f|)/‖∇f‖ (three
         closure calls, θ restored bit for bit); NaN when a value is not finite or ∇f = 0."""
-        params = _flat(landscape.params)
+        params = flat(landscape.params)
         start = self.workspace.copy(params)
         grads: list[Tensor] = []
         try:
@@ -655,7 +461,7 @@ class RBO(Optimizer):
             norm = math.sqrt(at.grad_sq)
             if norm == 0:
                 return math.nan
-            grads = self.workspace.copy(_flat(at.grads))  # `.grad` may be reused (DDP views)
+            grads = self.workspace.copy(flat(at.grads))  # `.grad` may be reused (DDP views)
             eps = math.sqrt(torch.finfo(params[0].dtype).eps) * max(1.0, abs(at.value)) / norm
             values = []
             for sign in (1.0, -1.0):
@@ -663,7 +469,7 @@ class RBO(Optimizer):
                 torch._foreach_add_(params, grads, alpha=sign * eps / norm)
                 values.append(landscape.evaluate().value)
             return (values[0] - values[1]) / (2 * eps * norm)
-        except _NonFinite:
+        except NonFinite:
             return math.nan
         finally:
             copy_(params, start)
@@ -764,54 +570,12 @@ class RBO(Optimizer):
                 for p, buffer in zip(group_params, v, strict=True):
                     self.state[p]["momentum_buffer"] = buffer
 
-    def _moved_centre(
-        self, radius: float, first: _Evaluated, directions: list[list[Tensor]]
-    ) -> _MovedCentre:
-        """u = θ − θ̃ = a g + η v per group, a = ρ/s, and h = ỹ − f(θ) = a − Σ η ⟨g, v⟩.
-
-        The start's ⟨g, u⟩ = a‖g‖² + Σ η⟨g, v⟩ and ‖u‖² = a²‖g‖² + 2a Σ η⟨g, v⟩ + Σ η²‖v‖² come
-        from one reduction per group (v = g without momentum, none for a single group: it is
-        ‖g‖²; two with momentum). Without momentum and with one learning rate u = (a + η) g:
-        it is left to the solver, whose first step is along g too (`seat_offset`)."""
-        a = radius / slope_factor(first.grad_sq)
-        groups = list(zip(self.param_groups, first.grads, directions, strict=True))
-        scales = [a + group["lr"] if v is g else a for group, g, v in groups for _ in g]
-        lazy = all(v is g for _, g, v in groups) and len(set(scales)) == 1  # u = s g
-        offset = [] if lazy else self.workspace.scaled(_flat(first.grads), scales)
-        reductions = []
-        start = 0
-        single = len(groups) == 1  # then ⟨g, g⟩ of the group is ‖g‖², known already
-        for group, g, v in groups:
-            if v is g and single:
-                continue
-            if v is g:
-                reductions.append(squared_norm_device(g))
-            else:
-                torch._foreach_add_(offset[start : start + len(g)], v, alpha=group["lr"])
-                reductions += [inner_device(g, v), squared_norm_device(v)]
-            start += len(g)
-        host = iter(to_host(reductions))
-        tangent = velocity = 0.0  # Σ η⟨g, v⟩ and Σ η²‖v‖²
-        for group, g, v in groups:
-            lr = group["lr"]
-            g_v = first.grad_sq if v is g and single else next(host)
-            v_sq = g_v if v is g else next(host)
-            tangent += lr * g_v
-            velocity += lr * lr * v_sq
-        return _MovedCentre(
-            offset,
-            scales[0] if lazy else None,
-            lift=a - tangent,
-            grad_offset=a * first.grad_sq + tangent,
-            offset_sq=a * a * first.grad_sq + 2 * a * tangent + velocity,
-        )
-
     def _roll(
         self,
-        landscape: _Landscape,
+        landscape: Landscape,
         settings: dict[str, Any],
         params: list[list[Tensor]],
-        first: _Evaluated,
+        first: Evaluated,
         directions: list[list[Tensor]],
     ) -> dict[str, Any]:
         """Seat the ball, move its centre along the tangent, project it back onto the graph.
@@ -820,7 +584,9 @@ class RBO(Optimizer):
         groups without momentum are emptied), so that no reference keeps it alive once the
         next closure call replaces the `.grad` tensors.
         """
-        centre = self._moved_centre(settings["radius"], first, directions)
+        centre = moved_centre(
+            self.param_groups, settings["radius"], first, directions, self.workspace
+        )
         for index, group in enumerate(self.param_groups):
             if group["momentum"] == 0:
                 directions[index] = []
@@ -831,9 +597,9 @@ class RBO(Optimizer):
             settings["projection_tol"],
             settings["anderson_memory"],
         )
-        flat = _flat(params)
-        gathers = settings["projection"] == "anderson" and _many_small_tensors(flat)
-        problem = _Projection(landscape, flat, centre, first, self.workspace, gathers)
+        active = flat(params)
+        gathers = settings["projection"] == "anderson" and many_small_tensors(active)
+        problem = CentreProjection(landscape, active, centre, first, self.workspace, gathers)
         result = solver.solve(problem)
         self.workspace.give(problem.offset)
         problem.release_grads()
@@ -913,15 +679,5 @@ _GD_HINT = (
 )
 
 
-def _many_small_tensors(params: list[Tensor]) -> bool:
-    """CPU parameters of fewer than `GATHER_BELOW` elements per tensor on average: then the
-    Anderson solver gathers each gradient into one flat buffer (one more parameter copy)."""
-    return plain_cpu(params) and sum(p.numel() for p in params) < GATHER_BELOW * len(params)
-
-
 def _as_float(loss: Any) -> float:
     return float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
-
-
-def _flat(groups: list[list[Tensor]]) -> list[Tensor]:
-    return [t for group in groups for t in group]
