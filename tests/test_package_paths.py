@@ -55,7 +55,7 @@ def test_the_frontier_reads_its_digits_hyperparameters_from_the_package(tmp_path
     assert hparams["sgd"] == {"lr": 1.0}
     assert hparams["sam"] == {"lr": 0.3, "rho": 0.05}
     assert by_radius == {0.1: 0.3, 0.3: 1.0, 1.0: 1.0}
-    cell = frontier.Cell("digits", "rbo", 0.3, "K=2")
+    cell = frontier.Cell("digits", "gelu", "rbo", 0.3, "K=2")
     assert frontier.config(cell, seed=0, epochs=1).optimizer.hparams["lr"] == 1.0
 
 
