@@ -10,6 +10,7 @@ import torch
 from rollingball import RBO
 from rollingball.landscape.functions import get_function
 from rollingball.landscape.trajectories import trajectory
+from rollingball.optim import ProjectionWarning
 
 START = torch.tensor([1.3, -0.7], dtype=torch.float64)
 
@@ -128,3 +129,14 @@ def test_centres_sit_on_the_landscape_rbo_rolls_on(maximize):
         s = math.sqrt(1 + float(slope @ slope))
         torch.testing.assert_close(centre[:2], theta - radius / s * slope, rtol=1e-14, atol=1e-14)
         assert float(centre[2]) == pytest.approx(f + radius / s, rel=1e-14)
+
+
+def test_a_true_gradient_near_a_stationary_point_is_not_taken_for_clipping():
+    # 20 steps that end near a stationary point of a wrinkled quadratic (‖∇f‖ ≈ 1e-5) make the
+    # projection warning fire; its gradient test must step locally there (a step of
+    # √eps·|f|/‖∇f‖ ≈ 1e-3 crosses the wrinkles and read a slope 3.3 times the true one)
+    fn = get_function("wrinkled_quadratic", 2)
+    with pytest.warns(ProjectionWarning) as caught:
+        trajectory(fn, START, lambda p: RBO(p, lr=0.05, radius=0.3), steps=20)
+    message = str(caught[0].message)
+    assert "matches its loss" in message and "clip" not in message.split("causes are")[0]

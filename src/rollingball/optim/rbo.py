@@ -451,8 +451,10 @@ class RBO(Optimizer):
 
     def _gradient_check(self, landscape: Landscape) -> float:
         """The closure's slope along its own gradient at θ over ‖∇f(θ)‖, 1 for a true gradient:
-        (f(θ + εĝ) − f(θ − εĝ)) / (2ε‖∇f‖), ĝ = ∇f/‖∇f‖, ε = √eps·max(1, |f|)/‖∇f‖ (three
-        closure calls, θ restored bit for bit); NaN when a value is not finite or ∇f = 0."""
+        (f(θ + hĝ) − f(θ − hĝ)) / (2h‖∇f‖), ĝ = ∇f/‖∇f‖, with the step
+        h = √eps·min(max(1, |f|)/‖∇f‖, max(1, ‖θ‖)): large enough that f changes well above
+        its round-off, and local where ‖∇f‖ is small (three closure calls, θ restored bit for
+        bit); NaN when a value is not finite or ∇f = 0."""
         params = flat(landscape.params)
         start = self.workspace.copy(params)
         grads: list[Tensor] = []
@@ -462,13 +464,14 @@ class RBO(Optimizer):
             if norm == 0:
                 return math.nan
             grads = self.workspace.copy(flat(at.grads))  # `.grad` may be reused (DDP views)
-            eps = math.sqrt(torch.finfo(params[0].dtype).eps) * max(1.0, abs(at.value)) / norm
+            scale = min(max(1.0, abs(at.value)) / norm, max(1.0, math.sqrt(squared_norm(start))))
+            step = math.sqrt(torch.finfo(params[0].dtype).eps) * scale
             values = []
             for sign in (1.0, -1.0):
                 copy_(params, start)
-                torch._foreach_add_(params, grads, alpha=sign * eps / norm)
+                torch._foreach_add_(params, grads, alpha=sign * step / norm)
                 values.append(landscape.evaluate().value)
-            return (values[0] - values[1]) / (2 * eps * norm)
+            return (values[0] - values[1]) / (2 * step * norm)
         except NonFinite:
             return math.nan
         finally:
