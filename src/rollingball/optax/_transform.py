@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -94,20 +95,8 @@ def rbo(
         float(projection_tol), momentum, weight_decay, loss_scale, anderson_memory, max_update,
     )  # fmt: skip
 
-    def init(params: Any) -> RBOState:
-        return _init(config, params)
-
-    def step(
-        updates: Any,
-        state: RBOState,
-        params: Any,
-        value: Any,
-        grad: Any,
-        value_fn: Callable[..., Any],
-        extra_args: dict[str, Any],
-    ) -> tuple[Any, RBOState]:
-        return _step(config, updates, state, params, value, grad, value_fn, extra_args)
-
+    init = functools.partial(_init, config)
+    step = functools.partial(_step, config)
     # a projection loop is compiled once per value_fn, also when the caller does not jit
     compiled_step = step if radius == 0 else jax.jit(step, static_argnames="value_fn")
 
