@@ -87,7 +87,7 @@ def set_rule(name: str) -> None:
 
     torch_rbo.make_solver = make_solver  # type: ignore[assignment]
     try:
-        import rollingball.optax as optax_rbo
+        import rollingball.optax._projection as optax_rbo
     except ImportError:  # no jax
         return
     optax_rbo.ANDERSON_BACKTRACK, optax_rbo.ANDERSON_EXTENSION = backtrack, extension

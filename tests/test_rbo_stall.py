@@ -203,7 +203,7 @@ def train_jax(options: dict | None, weights, x, y, steps: int = STEPS):
 
 
 def test_optax_halving_rule_stalls_and_the_default_moves_and_beats_sgd(monkeypatch):
-    optax_rbo = pytest.importorskip("rollingball.optax")
+    optax_rbo = pytest.importorskip("rollingball.optax._projection")
 
     weights, x, y = he_problem()
     sgd_loss, _, _ = train_jax(None, weights, x, y)

@@ -20,7 +20,7 @@ from typing import Any
 SOLVERS = ("anderson", "gd")
 NONFINITE_POLICIES = ("raise", "skip")
 
-# The Anderson solver's ridge on its normal equations, relative to the largest ‖ΔP_j‖².
+# The Anderson solver's ridge on its normal equations, relative to the largest ‖D_j‖².
 ANDERSON_REGULARIZATION = 1e-10
 # The blind last step's trust in the Gauss–Newton model: its predicted decrease of φ must be
 # within this fraction of the last step's measured decrease.
