@@ -123,6 +123,27 @@ def phi_noise(
     return PHI_NOISE * eps * (phi + absolute(mismatch) * heights)
 
 
+# The Anderson solver's scalars at an evaluated point, from m = f(x) − ỹ, ‖g‖², ⟨g, u⟩ and
+# ‖u‖² (floats for torch, arrays for jax): the same formulas in both solvers.
+
+
+def phi(offset_sq: Any, mismatch: Any) -> Any:
+    """φ = ½(‖u‖² + m²)."""
+    return 0.5 * (offset_sq + mismatch**2)
+
+
+def newton_shift(mismatch: Any, grad_offset: Any, grad_sq: Any) -> Any:
+    """c in p = (I + g gᵀ)⁻¹ r = u + c g (Sherman–Morrison): c = (m − ⟨g, u⟩)/(1 + ‖g‖²)."""
+    return (mismatch - grad_offset) / (1.0 + grad_sq)
+
+
+def residual_sq(newton_sq: Any, mismatch: Any, grad_offset: Any, grad_sq: Any) -> Any:
+    """‖r‖² from ‖p‖² without cancellation: r = (I + g gᵀ) p, so
+    ‖r‖² = ‖p‖² + ⟨g, p⟩²(2 + ‖g‖²), with ⟨g, p⟩ = (⟨g, u⟩ + m‖g‖²)/(1 + ‖g‖²)."""
+    grad_newton = (grad_offset + mismatch * grad_sq) / (1.0 + grad_sq)
+    return newton_sq + grad_newton**2 * (2.0 + grad_sq)
+
+
 def height(
     loss: float, squared_norm: float, *, weight_decay: float, loss_scale: float, maximize: bool
 ) -> float:

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rollingball import spec
 from rollingball.optax._tree import (
     combine,
     inner,
@@ -140,19 +141,18 @@ class _Point(NamedTuple):
 
     @property
     def phi(self) -> jax.Array:
-        """φ = ½(‖u‖² + m²)."""
-        return 0.5 * (self.offset_sq + self.mismatch**2)
+        """φ = ½(‖u‖² + m²) (`rollingball.spec.phi`)."""
+        return spec.phi(self.offset_sq, self.mismatch)
 
     @property
     def newton_shift(self) -> jax.Array:
-        """c in p = (I + g gᵀ)⁻¹ r = u + c g (Sherman–Morrison): c = (m − ⟨g, u⟩)/(1 + ‖g‖²)."""
-        return (self.mismatch - self.grad_offset) / (1 + self.grad_sq)
+        """c in p = u + c g (`rollingball.spec.newton_shift`)."""
+        return spec.newton_shift(self.mismatch, self.grad_offset, self.grad_sq)
 
     def residual_norm(self, newton_sq: jax.Array) -> jax.Array:
-        """‖r‖ from ‖p‖²: r = (I + g gᵀ) p, so ‖r‖² = ‖p‖² + ⟨g, p⟩²(2 + ‖g‖²),
-        with ⟨g, p⟩ = (⟨g, u⟩ + m‖g‖²)/(1 + ‖g‖²)."""
-        g_p = (self.grad_offset + self.mismatch * self.grad_sq) / (1 + self.grad_sq)
-        return jnp.sqrt(jnp.maximum(newton_sq, 0) + g_p**2 * (2 + self.grad_sq))
+        """‖r‖ from ‖p‖² without cancellation (`rollingball.spec.residual_sq`)."""
+        positive = jnp.maximum(newton_sq, 0)
+        return jnp.sqrt(spec.residual_sq(positive, self.mismatch, self.grad_offset, self.grad_sq))
 
 
 def _newton(point: _Point, offset: Any, grad: Any) -> Any:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from rollingball import spec
 from rollingball.optim.geometry import (
     add_,
     inner_device,
@@ -253,13 +254,13 @@ class _Point:
 
     @property
     def phi(self) -> float:
-        """φ = ½(‖u‖² + m²)."""
-        return 0.5 * (self.offset_sq + self.mismatch**2)
+        """φ = ½(‖u‖² + m²) (`rollingball.spec.phi`)."""
+        return spec.phi(self.offset_sq, self.mismatch)
 
     @property
     def newton_shift(self) -> float:
-        """c in p = (I + g gᵀ)⁻¹ r = u + c g (Sherman–Morrison): c = (m − ⟨g, u⟩)/(1 + ‖g‖²)."""
-        return (self.mismatch - self.grad_offset) / (1.0 + self.grad_sq)
+        """c in p = u + c g (`rollingball.spec.newton_shift`)."""
+        return spec.newton_shift(self.mismatch, self.grad_offset, self.grad_sq)
 
     def newton_products(self) -> tuple[float, float]:
         """⟨u, p⟩ = ‖u‖² + c⟨g, u⟩ and ⟨g, p⟩ = ⟨g, u⟩ + c‖g‖², from the host scalars."""
@@ -267,10 +268,9 @@ class _Point:
         return self.offset_sq + c * self.grad_offset, self.grad_offset + c * self.grad_sq
 
     def residual_norm(self, newton_sq: float) -> float:
-        """‖r‖ from ‖p‖² without cancellation: r = (I + g gᵀ) p, so
-        ‖r‖² = ‖p‖² + ⟨g, p⟩²(2 + ‖g‖²), with ⟨g, p⟩ = (⟨g, u⟩ + m‖g‖²)/(1 + ‖g‖²)."""
-        g_p = (self.grad_offset + self.mismatch * self.grad_sq) / (1.0 + self.grad_sq)
-        return math.sqrt(max(newton_sq, 0.0) + g_p**2 * (2.0 + self.grad_sq))
+        """‖r‖ from ‖p‖² without cancellation (`rollingball.spec.residual_sq`)."""
+        sq = spec.residual_sq(max(newton_sq, 0.0), self.mismatch, self.grad_offset, self.grad_sq)
+        return math.sqrt(sq)
 
 
 @dataclass
