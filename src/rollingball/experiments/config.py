@@ -10,7 +10,9 @@
     batch_size = 100
     # data_dir = "~/data"       # existing files; download = true to fetch torchvision data
     # val_fraction = 0.1        # validation split carved from train
-    # augment = true            # CIFAR random crop + flip
+    # augment = true            # random crop + flip (CIFAR, Fashion-MNIST; MNIST: crop only)
+    # label_noise = 0.4         # fraction of training labels replaced (seeded by noise_seed)
+    # train_subset = 10000      # keep this many training examples
 
     [model]
     name = "mlp"                # other keys go to the model, e.g. hidden = [256, 256]
@@ -44,7 +46,7 @@ from typing import Any
 import tomllib
 
 from rollingball.experiments.atomic import atomic_write_text
-from rollingball.experiments.data import DATASETS, DataBundle, load_data
+from rollingball.experiments.data import AUGMENTABLE, DATASETS, DataBundle, load_data
 from rollingball.experiments.models import MODELS
 from rollingball.experiments.optimizers import OPTIMIZERS, validate_hyperparameters
 
@@ -80,6 +82,9 @@ class DataConfig:
     val_fraction: float = 0.0
     augment: bool = False
     normalize: bool = True
+    label_noise: float = 0.0
+    noise_seed: int = 0
+    train_subset: int = 0
 
     def load(self, seed: int) -> DataBundle:
         """The data set this section names, split and shuffled with `seed`."""
@@ -91,6 +96,9 @@ class DataConfig:
             seed=seed,
             augment=self.augment,
             normalize=self.normalize,
+            label_noise=self.label_noise,
+            noise_seed=self.noise_seed,
+            train_subset=self.train_subset,
         )
 
 
@@ -161,8 +169,15 @@ class RunConfig:
             f"data.val_fraction must be in [0, 1), got {d.val_fraction}",
         )
         _check(
-            not d.augment or d.name.startswith("cifar"),
-            f"data.augment (random crop + flip) is for CIFAR only, not {d.name!r}",
+            not d.augment or d.name in AUGMENTABLE,
+            f"data.augment (random crop + flip) is for {', '.join(AUGMENTABLE)}, not {d.name!r}",
+        )
+        _check(
+            0.0 <= d.label_noise < 1.0, f"data.label_noise must be in [0, 1), got {d.label_noise}"
+        )
+        _check(
+            isinstance(d.train_subset, int) and d.train_subset >= 0,
+            f"data.train_subset must be an integer >= 0, got {d.train_subset!r}",
         )
         _check(
             self.model.name in MODELS,
