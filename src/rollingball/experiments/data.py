@@ -69,7 +69,7 @@ _NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 SYSTEM_DIRS: dict[str, Path] = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist")}
 
 # the IDX files' stems, and the folder torchvision keeps them in under a root
-_IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+_IDX_STEMS: tuple[str, ...] = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 _IDX_STEMS += ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _TORCHVISION_FOLDER = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
