@@ -27,10 +27,12 @@ def test_compare_on_a_tiny_budget_writes_table_csv_report_and_plots(tmp_path, ca
         rows = list(csv.DictReader(handle))
     assert tuple(rows[0])[: len(SUMMARY_COLUMNS)] == SUMMARY_COLUMNS
     assert {"momentum", "betas", "radius", "projection_steps", "budget.epochs"} <= set(rows[0])
+    # digits' own tuned settings (experiments/fair/compare_digits.toml), not MNIST-1D's
     assert {(r["optimizer"], r["lr"]) for r in rows} == {
-        ("sgd", "2.0"), ("momentum", "0.5"), ("adamw", "0.01"), ("sam", "0.1"),
-        ("entropy_sgd", "100.0"), ("rbo", "2.0"), ("rbo", "1.0")
+        ("sgd", "1.0"), ("momentum", "0.3"), ("adamw", "0.003"), ("sam", "0.3"),
+        ("entropy_sgd", "100.0"), ("rbo", "0.3")
     }  # fmt: skip
+    assert "tuned on digits' validation split" in printed
     assert len(rows) == (5 + 2) * 2  # 5 baselines + rbo at 2 radii, 2 seeds each
     by_name = {}
     for row in rows:
@@ -375,3 +377,33 @@ def test_help_lists_choices_and_defaults(capsys):
         text = " ".join(capsys.readouterr().out.split())
         for phrase in phrases:
             assert phrase in text, (command, phrase)
+
+
+def test_a_diverged_run_is_marked_in_table_csv_report_and_plots(tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    legends = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        legends.extend(t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts())
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    hparams = tmp_path / "h.toml"
+    hparams.write_text("[sgd]\nlr = 1e38\n[momentum]\nlr = 0.1\n")
+    out = tmp_path / "c"
+    args = ["compare", "--data", "digits", "--epochs", "2", "--seeds", "2"]
+    args += ["--optimizers", "sgd,momentum", "--hparams", str(hparams), "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    with open(out / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    steps = {r["optimizer"]: r["diverged_step"] for r in rows}
+    assert steps["momentum"] == "" and int(steps["sgd"]) >= 2  # the first step's loss is finite
+    step = steps["sgd"]
+    assert f"diverged at step {step}" in printed and "10.00 ± 0.00" not in printed
+    report = (out / "report.md").read_text()
+    assert f"| sgd |  | diverged at step {step} |" in report
+    assert sum(f"diverged at step {step}" in text for text in legends) == 3  # one per plot
+    assert not any("diverged" in text for text in legends if text.startswith("momentum"))

@@ -69,3 +69,13 @@ def test_the_mnist1d_file_holds_the_compare_defaults():
 
     hparams, by_radius = load_hparams(ROOT / "fair" / "compare_mnist1d.toml")
     assert hparams == COMPARE_HPARAMS and by_radius == RBO_LR_BY_RADIUS
+
+
+@pytest.mark.parametrize("task", ["mnist1d", "digits"])
+def test_compare_uses_each_tasks_own_tuned_file(task):
+    from rollingball.experiments.compare import load_hparams, task_settings
+
+    hparams, by_radius = load_hparams(ROOT / "fair" / f"compare_{task}.toml")
+    tuned = task_settings(task, "mlp")
+    assert tuned is not None
+    assert hparams == tuned.hparams and by_radius == tuned.rbo_lr_by_radius

@@ -251,6 +251,9 @@ def test_a_diverging_run_stops_and_says_so():
     result = run(_config({"name": "sgd", "lr": 1e38}, epochs=3), None, data=DIGITS)
     assert result.diverged and result.final["diverged"]
     assert len(result.metrics) == 1
+    # the run stops at the first step whose loss is not finite, and says which (not the first:
+    # it starts from finite weights)
+    assert result.final["diverged_step"] == result.final["step"] >= 2
     assert not math.isfinite(result.final["train_loss"])
 
 

@@ -86,8 +86,15 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         default=",".join(f"{r:g}" for r in DEFAULT_RADII),
         help="RBO radii, comma-separated",
     )
-    p.add_argument("--batch-size", type=int, default=100, help="minibatch size")
-    p.add_argument("--data-dir", help="directory with the dataset files")
+    p.add_argument("--batch-size", type=int, help="minibatch size (default: the task's, else 100)")
+    p.add_argument(
+        "--data-dir",
+        help="directory with the dataset files (searched first; then $ROLLINGBALL_DATA, "
+        "the Debian package's directory, ~/.cache/rollingball)",
+    )
+    p.add_argument(
+        "--download", action="store_true", help="download torchvision datasets if not found"
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     p.add_argument(
         "--hparams",
@@ -217,8 +224,11 @@ def _train_one(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     """Train an MLP on MNIST-1D with sgd, momentum, adamw, sam, entropy_sgd and rbo (3 radii),
-    2 seeds; print a table, write summary.csv, report.md and plots."""
+    2 seeds; print a table, write summary.csv, report.md and plots. Each dataset and model
+    gets its own tuned hyperparameters where they exist (else the registry defaults, said so);
+    a run whose loss goes non-finite is shown as "diverged at step N"."""
     from rollingball.experiments.compare import CompareSpec, compare, load_hparams
+    from rollingball.experiments.data import DataNotFoundError
 
     hparams, by_radius = load_hparams(args.hparams) if args.hparams else (None, None)
     spec = CompareSpec(
@@ -232,6 +242,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         radii=args.radii,
         batch_size=args.batch_size,
         data_dir=args.data_dir,
+        download=args.download,
     )
     if hparams is not None:
         spec.hparams = hparams
@@ -239,6 +250,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         spec.rbo_lr_by_radius = by_radius
     try:
         compare(spec, args.out, jobs=args.jobs, console=_console())
+    except DataNotFoundError as error:
+        print(f"rollingball compare: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(
             "interrupted; rerun the same command to continue "

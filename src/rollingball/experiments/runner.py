@@ -198,6 +198,7 @@ class Progress:
     proj_count: int = 0
     finished: bool = False
     diverged: bool = False
+    diverged_step: int | None = None  # the first step whose loss was not finite
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
     def start_epoch(self) -> None:
@@ -478,8 +479,8 @@ def _step(session: _Session, inputs: Tensor, targets: Tensor) -> StepResult:
         config.optimizer.bn_first_call_only,
     )
     state.add(result)
-    if not math.isfinite(result.loss):
-        state.diverged = True
+    if not math.isfinite(result.loss) and not state.diverged:
+        state.diverged, state.diverged_step = True, state.step
     return result
 
 
@@ -551,6 +552,7 @@ def _epoch_metrics(session: _Session, partial: bool) -> dict[str, Any]:
         row["partial_epoch"] = True
     if state.diverged:
         row["diverged"] = True
+        row["diverged_step"] = state.diverged_step
     return row
 
 
