@@ -30,6 +30,7 @@
 
     [budget]
     epochs = 20                 # or: grad_evals = 50000 (closure calls, the same for all)
+                                # or: wall_seconds = 600 (training + evaluation time)
 
 Schedules are functions of the fraction of the budget spent, so they mean the same thing
 under an epoch budget and under a gradient-evaluation budget.
@@ -128,6 +129,7 @@ class ScheduleConfig:
 class BudgetConfig:
     epochs: int | None = None
     grad_evals: int | None = None
+    wall_seconds: float | None = None
 
 
 @dataclass
@@ -207,9 +209,17 @@ class RunConfig:
         _check(0.0 < s.gamma <= 1.0, f"schedule.gamma must be in (0, 1], got {s.gamma}")
         b = self.budget
         _check(
-            (b.epochs is None) != (b.grad_evals is None),
-            "budget: give exactly one of epochs or grad_evals",
+            sum(v is not None for v in (b.epochs, b.grad_evals, b.wall_seconds)) == 1,
+            "budget: give exactly one of epochs, grad_evals or wall_seconds",
         )
+        if b.wall_seconds is not None:
+            _check(
+                isinstance(b.wall_seconds, (int, float))
+                and not isinstance(b.wall_seconds, bool)
+                and math.isfinite(b.wall_seconds)
+                and b.wall_seconds > 0,
+                f"budget.wall_seconds must be a number > 0, got {b.wall_seconds!r}",
+            )
         if b.epochs is not None:
             _check(
                 _positive_int(b.epochs), f"budget.epochs must be an integer >= 1, got {b.epochs!r}"
