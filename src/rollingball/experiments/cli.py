@@ -1,4 +1,4 @@
-"""Sub-commands ``run``, ``compare``, ``sweep`` and ``report`` of the ``rollingball`` command."""
+"""Sub-commands ``run``, ``compare``, ``sweep``, ``report`` and ``study`` of ``rollingball``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_compare(subparsers)
     _add_sweep(subparsers)
     _add_report(subparsers)
+    _add_study(subparsers)
 
 
 def _add_run(subparsers: argparse._SubParsersAction) -> None:
@@ -123,6 +124,57 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="epochs per run (replaces the config's budget)")
     p.add_argument("--out", default="runs/sweep", help="output directory")
     p.set_defaults(func=_cmd_sweep)
+
+
+def _add_study(subparsers: argparse._SubParsersAction) -> None:
+    from rollingball.experiments.study import PARTS
+
+    p = subparsers.add_parser(
+        "study",
+        help="the Fashion-MNIST study: tuning, fair runs, paper protocol, noisy labels, sharpness",
+        description=_cmd_study.__doc__,
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--out", default="runs/fmnist", help="output directory")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer epochs and trials, one seed (labelled quick)"
+    )
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    p.add_argument(
+        "--models", type=_names, default="mlp,small_cnn", help="comma-separated: mlp, small_cnn"
+    )
+    p.add_argument(
+        "--parts", type=_names, default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}"
+    )
+    p.add_argument("--data-dir", help="directory with the Fashion-MNIST files (searched first)")
+    p.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    """Tune every optimizer on a validation split of Fashion-MNIST, run the fair comparison
+    (equal epochs, closure calls, wall time), the paper's protocol, the noisy-label arm and
+    the sharpness measurements; write study.md, CSVs and figures. Rerun to continue."""
+    from rollingball.experiments.data import DataNotFoundError
+    from rollingball.experiments.study import StudySpec, study
+
+    spec = StudySpec(
+        out=Path(args.out),
+        quick=args.quick,
+        jobs=args.jobs,
+        models=args.models,
+        parts=args.parts,
+        data_dir=args.data_dir,
+        log=lambda line: print(line, flush=True),
+    )
+    try:
+        study(spec)
+    except DataNotFoundError as error:
+        print(f"rollingball study: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; rerun the same command to continue (finished runs in {args.out} kept)")
+        return 130
+    return 0
 
 
 def _add_report(subparsers: argparse._SubParsersAction) -> None:

@@ -86,15 +86,16 @@ class DataConfig:
     label_noise: float = 0.0
     noise_seed: int = 0
     train_subset: int = 0
+    split_seed: int | None = None  # the validation split's seed (None: the run's seed)
 
     def load(self, seed: int) -> DataBundle:
-        """The data set this section names, split and shuffled with `seed`."""
+        """The data set this section names, split with ``split_seed`` (if set, else ``seed``)."""
         return load_data(
             self.name,
             self.data_dir,
             download=self.download,
             val_fraction=self.val_fraction,
-            seed=seed,
+            seed=seed if self.split_seed is None else self.split_seed,
             augment=self.augment,
             normalize=self.normalize,
             label_noise=self.label_noise,

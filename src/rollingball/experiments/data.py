@@ -341,7 +341,15 @@ def _digits() -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
 
 
 def read_idx(path: Path) -> Tensor:
-    """The array in an IDX file (unsigned bytes; ``.gz`` read through gzip) as a uint8 tensor."""
+    """The array in an IDX file (unsigned bytes; ``.gz`` read through gzip) as a uint8 tensor
+    (cached per file, size and modification time: a process that runs many trainings reads
+    each file once; callers get a fresh copy)."""
+    stat = path.stat()
+    return _read_idx(path.resolve(), stat.st_size, stat.st_mtime_ns).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx(path: Path, size: int, mtime: int) -> Tensor:
     opener: Any = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as handle:
         data = handle.read()
