@@ -118,6 +118,6 @@ def test_results_table_marks_divergence_and_noise():
                  "diverged": True, "diverged_step": 2}] * 3,
     }  # fmt: skip
     table = st.results_table(rows)
-    assert "| sam |  | 3 | diverged at step 2 |" in table and "10.00" not in table
+    assert "| sam |  | 3 | diverged at step 2 |" in table and "10.00 ±" not in table
     assert "| rbo_best_radius |  | 3 | 85.00 ± 1.00 |" in table
     assert "yes (+5.00 ± 1.63)" in table  # 2 standard errors of the difference: 2·√(2/3)%
