@@ -141,7 +141,9 @@ def _add_study(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     p.add_argument(
-        "--models", type=_names, default="mlp,small_cnn", help="comma-separated: mlp, small_cnn"
+        "--models",
+        type=_names,
+        help="comma-separated: mlp, small_cnn (default: both; with --quick: mlp)",
     )
     p.add_argument(
         "--parts", type=_names, default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}"
