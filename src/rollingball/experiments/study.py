@@ -815,7 +815,8 @@ def _header(spec: StudySpec, elapsed: float, state: dict[str, Any]) -> str:
         for model, m in state.items()
     )
     command = "rollingball study" + (" --quick" if spec.quick else "") + f" --jobs {spec.jobs}"
-    command += f" --models {','.join(spec.models or ())} --parts {','.join(spec.parts)} --out {spec.out}"
+    command += f" --models {','.join(spec.models or ())} --parts {','.join(spec.parts)}"
+    command += f" --out {spec.out}"
     return "\n".join(
         [
             "# Fashion-MNIST study" + _quick(spec.quick),
