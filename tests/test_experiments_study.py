@@ -93,6 +93,11 @@ def test_the_quick_study_runs_every_part_and_resumes(tiny_fmnist, tmp_path, caps
     assert main(args) == 0
     assert "run(s) to do" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.jsonl")} == before
+    # a call that runs one part still reports every part found on disk
+    assert main([*args, "--parts", "paper"]) == 0
+    again = (out / "study.md").read_text()
+    for title in ("Tuning: mlp", "Fair comparison: mlp", "Noisy labels", "Sharpness"):
+        assert title in again
 
 
 def test_choice_ignores_diverged_trials_and_prefers_the_smaller_rate(tmp_path):

@@ -148,6 +148,12 @@ def _add_study(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--parts", type=_names, default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}"
     )
+    p.add_argument(
+        "--budgets",
+        type=_names,
+        default="epochs,calls,wall",
+        help="the fair runs' budgets, in this order (wall needs the epochs runs)",
+    )
     p.add_argument("--data-dir", help="directory with the Fashion-MNIST files (searched first)")
     p.set_defaults(func=_cmd_study)
 
@@ -165,6 +171,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         models=args.models,
         parts=args.parts,
+        budgets=args.budgets,
         data_dir=args.data_dir,
         log=lambda line: print(line, flush=True),
     )

@@ -76,15 +76,21 @@ def measure(path: str, raw: dict[str, Any], lanczos: int, hutchinson: int) -> di
 
 
 def measure_all(
-    tasks: Sequence[tuple[Path, RunConfig]], scale: Any, jobs: int, log: Callable[[str], None]
+    tasks: Sequence[tuple[Path, RunConfig]],
+    scale: Any,
+    jobs: int,
+    log: Callable[[str], None],
+    compute: bool = True,
 ) -> dict[str, list[dict[str, Any]]]:
-    """:func:`measure` for every finished, non-diverged run; results grouped by label."""
+    """:func:`measure` for every finished, non-diverged run (``compute`` false: only those
+    measured before); results grouped by label."""
     todo = [
         (p, c)
         for p, c in tasks
         if (p / CHECKPOINT).exists()
         and load_checkpoint(p / CHECKPOINT)["progress"]["finished"]
         and not read_metrics(p)[-1].get("diverged")
+        and (compute or (p / RESULT).exists())
     ]
     args = [(str(p), config_to_dict(c), scale.lanczos, scale.hutchinson) for p, c in todo]
     results: dict[str, dict[str, Any]] = {}

@@ -69,9 +69,10 @@ from rollingball.experiments.data import num_batches
 from rollingball.experiments.report import diverged_text
 from rollingball.experiments.runner import CHECKPOINT, load_checkpoint, read_metrics, run
 
-__all__ = ["PARTS", "Scale", "study", "tuning_plan"]
+__all__ = ["BUDGETS", "PARTS", "Scale", "study", "tuning_plan"]
 
 PARTS = ("tune", "fair", "paper", "noisy", "sharpness")
+BUDGETS = ("epochs", "calls", "wall")
 DATA = "fashion_mnist"
 VAL_FRACTION = 10_000 / 60_000
 BATCH = 128
@@ -285,7 +286,9 @@ def _finished(path: Path) -> bool:
     return bool(load_checkpoint(path / CHECKPOINT)["progress"]["finished"])
 
 
-def execute(tasks: Sequence[tuple[Path, RunConfig]], jobs: int, log: Callable[[str], None]) -> None:
+def _execute(
+    tasks: Sequence[tuple[Path, RunConfig]], jobs: int, log: Callable[[str], None]
+) -> None:
     """Run (or finish) every task not finished yet, ``jobs`` processes at a time."""
     todo = [(p, c) for p, c in tasks if not _finished(p)]
     if not todo:
@@ -314,6 +317,7 @@ class StudySpec:
     jobs: int = 1
     models: Sequence[str] | None = None  # None: mlp and small_cnn; with quick, mlp only
     parts: Sequence[str] = PARTS
+    budgets: Sequence[str] = BUDGETS  # the fair runs' budgets, in this order
     data_dir: str | None = None
     log: Callable[[str], None] = field(default=print)
 
@@ -330,12 +334,29 @@ class StudySpec:
             raise ValueError(f"unknown model(s) {', '.join(bad)}; choose from mlp, small_cnn")
         if self.jobs < 1:
             raise ValueError("--jobs must be >= 1")
+        wrong = sorted(set(self.budgets) - set(BUDGETS))
+        if wrong:
+            raise ValueError(
+                f"unknown budget(s) {', '.join(wrong)}; choose from epochs, calls, wall"
+            )
 
 
 def _tune(
-    spec: StudySpec, model: str, scale: Scale, root: Path, optimizers: Sequence[str], noise: float
+    spec: StudySpec,
+    model: str,
+    scale: Scale,
+    root: Path,
+    optimizers: Sequence[str],
+    noise: float,
+    active: bool,
 ) -> tuple[dict[str, dict[str, Any]], list[Trial]]:
-    """Both stages of tuning; the chosen hyperparameters and every trial."""
+    """Both stages of tuning (run only if ``active``; else what is on disk): the chosen
+    hyperparameters and every trial."""
+
+    def execute(tasks: Sequence[tuple[Path, RunConfig]], jobs: int, log: Any) -> None:
+        if active:
+            _execute(tasks, jobs, log)
+
     chosen: dict[str, Any] = {}
     plan = tuning_plan(model, scale, root, optimizers, chosen, noise=noise, data_dir=spec.data_dir)
     execute([(t.path, t.config) for t in plan], spec.jobs, spec.log)
@@ -438,77 +459,91 @@ def study(spec: StudySpec) -> Path:
     state_path = out / "study.json"
     state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.exists() else {}
     steps_cache: dict[int, int] = {}
+    parts = set(spec.parts)
     for model in spec.models:
         scale = SCALES[(model, spec.quick)]
         mstate = state.setdefault(model, {})
         probe = _config(model, "sgd", {}, BudgetConfig(epochs=1), subset=scale.subset)
         bundle = probe.data.load(0)  # fails early if the data is missing
         steps = steps_cache.setdefault(scale.subset, num_batches(bundle.train, BATCH))
-        if "tune" in spec.parts or any(p in spec.parts for p in ("fair", "noisy", "sharpness")):
-            spec.log(f"[{model}] tuning")
-            tick = time.perf_counter()
-            best, trials = _tune(spec, model, scale, out / "tune" / model, FAIR_TUNED, 0.0)
-            lr_stage = {k: v["lr"] for k, v in choose(trials, "lr").items()}
+
+        def execute(part: str, tasks: Sequence[tuple[Path, RunConfig]]) -> None:
+            if part in parts:
+                _execute(tasks, spec.jobs, spec.log)
+
+        def timed(part: str, tick: float, mstate: dict[str, Any] = mstate) -> None:
+            if part in parts:
+                mstate.setdefault("seconds", {})[part] = round(time.perf_counter() - tick, 1)
+
+        tick = time.perf_counter()
+        spec.log(f"[{model}] tuning")
+        best, trials = _tune(
+            spec, model, scale, out / "tune" / model, FAIR_TUNED, 0.0, "tune" in parts
+        )
+        timed("tune", tick)
+        if trials and any((t.path / "metrics.jsonl").exists() for t in trials):
             mstate["best"] = best
-            mstate["lr_stage"] = lr_stage
+            mstate["lr_stage"] = {k: v["lr"] for k, v in choose(trials, "lr").items()}
             mstate["trials"] = _trial_counts(trials)
-            mstate.setdefault("seconds", {})["tune"] = round(time.perf_counter() - tick, 1)
             sections.append(_tuning_section(model, scale, spec.quick, trials, best))
         rows = _fair_settings(mstate.get("best", {}), mstate.get("lr_stage", {}))
-        if "fair" in spec.parts and rows:
+        budgets = _budgets(scale, steps)
+        if rows:
             spec.log(f"[{model}] fair runs")
             tick = time.perf_counter()
             tables = []
-            for name, budget in _budgets(scale, steps).items():
+            for name in spec.budgets:
+                if name == "wall":
+                    epochs_tasks = _fair_tasks(
+                        spec, model, scale, rows, out / "fair" / model, "epochs", budgets["epochs"]
+                    )
+                    wall = _median_wall(epochs_tasks, "rbo_best_radius") or _median_wall(
+                        epochs_tasks, "rbo_default_radius"
+                    )
+                    if not wall:
+                        continue
+                    budget = BudgetConfig(wall_seconds=round(wall, 1))
+                else:
+                    budget = budgets[name]
                 tasks = _fair_tasks(spec, model, scale, rows, out / "fair" / model, name, budget)
-                execute(tasks, spec.jobs, spec.log)
+                execute("fair", tasks)
                 tables.append((name, budget, tasks))
-            wall = _median_wall(tables[0][2], "rbo_best_radius") or _median_wall(
-                tables[0][2], "rbo_default_radius"
-            )
-            if wall:
-                budget = BudgetConfig(wall_seconds=round(wall, 1))
-                tasks = _fair_tasks(spec, model, scale, rows, out / "fair" / model, "wall", budget)
-                execute(tasks, spec.jobs, spec.log)
-                tables.append(("wall", budget, tasks))
-            mstate.setdefault("seconds", {})["fair"] = round(time.perf_counter() - tick, 1)
+            timed("fair", tick)
             sections.append(_fair_section(model, scale, spec.quick, rows, tables))
-        if "paper" in spec.parts and scale.paper_epochs and model == "mlp":
+            tick = time.perf_counter()
+            spec.log(f"[{model}] sharpness")
+            tasks = _fair_tasks(
+                spec, model, scale, rows, out / "fair" / model, "epochs", budgets["epochs"]
+            )
+            sections.append(
+                _sharpness_section(spec, model, scale, tasks, out, "sharpness" in parts)
+            )
+            timed("sharpness", tick)
+        if scale.paper_epochs and model == "mlp":
             spec.log(f"[{model}] the paper's protocol")
             tick = time.perf_counter()
             tasks = _paper_tasks(spec, scale, out / "paper" / model)
-            execute(tasks, spec.jobs, spec.log)
-            mstate.setdefault("seconds", {})["paper"] = round(time.perf_counter() - tick, 1)
-            sections.append(_paper_section(scale, spec.quick, tasks))
-        if "noisy" in spec.parts and scale.noisy:
+            execute("paper", tasks)
+            timed("paper", tick)
+            if _final_rows(tasks):
+                sections.append(_paper_section(scale, spec.quick, tasks))
+        if scale.noisy:
             spec.log(f"[{model}] noisy labels")
             tick = time.perf_counter()
-            nbest, ntrials = _tune(spec, model, scale, out / "noisy_tune" / model, NOISY_TUNED, 0.4)
+            root = out / "noisy_tune" / model
+            nbest, ntrials = _tune(spec, model, scale, root, NOISY_TUNED, 0.4, "noisy" in parts)
             nrows = {k: (("rbo" if k.startswith("rbo") else k), v) for k, v in nbest.items()}
             tables = []
-            for name, budget in _budgets(scale, steps).items():
+            for name in [b for b in spec.budgets if b != "wall"]:
                 tasks = _fair_tasks(
-                    spec, model, scale, nrows, out / "noisy" / model, name, budget, noise=0.4
+                    spec, model, scale, nrows, out / "noisy" / model, name, budgets[name], noise=0.4
                 )
-                execute(tasks, spec.jobs, spec.log)
-                tables.append((name, budget, tasks))
-            mstate["noisy_trials"] = _trial_counts(ntrials)
-            mstate.setdefault("seconds", {})["noisy"] = round(time.perf_counter() - tick, 1)
-            sections.append(_noisy_section(model, scale, spec.quick, ntrials, nbest, tables))
-        if "sharpness" in spec.parts and rows:
-            spec.log(f"[{model}] sharpness")
-            tick = time.perf_counter()
-            tasks = _fair_tasks(
-                spec,
-                model,
-                scale,
-                rows,
-                out / "fair" / model,
-                "epochs",
-                _budgets(scale, steps)["epochs"],
-            )
-            sections.append(_sharpness_section(spec, model, scale, tasks, out))
-            mstate.setdefault("seconds", {})["sharpness"] = round(time.perf_counter() - tick, 1)
+                execute("noisy", tasks)
+                tables.append((name, budgets[name], tasks))
+            timed("noisy", tick)
+            if any((t.path / "metrics.jsonl").exists() for t in ntrials):
+                mstate["noisy_trials"] = _trial_counts(ntrials)
+                sections.append(_noisy_section(model, scale, spec.quick, ntrials, nbest, tables))
         atomic_write_text(state_path, json.dumps(state, indent=1, sort_keys=True))
     elapsed = time.perf_counter() - started
     header = _header(spec, elapsed, state)
@@ -779,11 +814,18 @@ def _noisy_section(
 
 
 def _sharpness_section(
-    spec: StudySpec, model: str, scale: Scale, tasks: list[tuple[Path, RunConfig]], out: Path
+    spec: StudySpec,
+    model: str,
+    scale: Scale,
+    tasks: list[tuple[Path, RunConfig]],
+    out: Path,
+    active: bool,
 ) -> str:
     from rollingball.experiments.sharpness_study import measure_all, plot_slices
 
-    results = measure_all(tasks, scale, spec.jobs, spec.log)
+    results = measure_all(tasks, scale, spec.jobs, spec.log, compute=active)
+    if not results:
+        return ""
     lines = [
         f"## Sharpness of the minima reached: {model}{_quick(quick=spec.quick)}",
         "",
@@ -803,8 +845,10 @@ def _sharpness_section(
             f"| {label} | {len(rows)} | {lam[0]:.3g} ± {lam[1]:.2g} | {tr[0]:.4g} ± {tr[1]:.2g} | "
             f"{loss:.4f} | {100 * acc[0]:.2f} ± {100 * acc[1]:.2f} |"
         )
-    figure = plot_slices(tasks, scale, out / f"slice_{model}.png")
-    if figure is not None:
+    figure = out / f"slice_{model}.png"
+    if active:
+        figure = plot_slices(tasks, scale, figure) or figure
+    if figure.exists():
         lines += ["", f"![filter-normalised slice]({figure.name})", ""]
     return "\n".join(lines) + "\n"
 
