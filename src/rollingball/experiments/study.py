@@ -360,8 +360,8 @@ def _tune(
     chosen: dict[str, Any] = {}
     plan = tuning_plan(model, scale, root, optimizers, chosen, noise=noise, data_dir=spec.data_dir)
     execute([(t.path, t.config) for t in plan], spec.jobs, spec.log)
+    # RBO with momentum waits for RBO's radius, chosen after its ρ stage
     chosen["_lr_stage"] = {k: v["lr"] for k, v in choose(plan, "lr").items()}
-    chosen.update(choose(plan))
     plan = tuning_plan(model, scale, root, optimizers, chosen, noise=noise, data_dir=spec.data_dir)
     execute([(t.path, t.config) for t in plan], spec.jobs, spec.log)
     best = choose(plan)
