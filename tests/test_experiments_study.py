@@ -59,6 +59,9 @@ def test_the_quick_study_runs_every_part_and_resumes(tiny_fmnist, tmp_path, caps
     assert state["noisy_trials"] == {"sgd": 2, "momentum": 2, "sam": 3, "usam": 3, "rbo": 3}
     best = state["best"]
     assert best["rbo_momentum"]["radius"] == best["rbo"]["radius"]
+    # RBO with momentum is tuned once, at RBO's chosen radius
+    assert len(list((out / "tune" / "mlp" / "rbo_momentum").iterdir())) == 2
+    assert (out / "fair" / "mlp" / "epochs" / "accuracy_vs_epoch.png").exists()
     # the 200 training images outside the 40-image validation split, batches of 128: 2 steps
     fair = out / "fair" / "mlp"
     labels = {p.name for p in (fair / "epochs").iterdir()}

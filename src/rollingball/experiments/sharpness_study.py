@@ -109,7 +109,9 @@ def measure_all(
     return groups
 
 
-def plot_slices(tasks: Sequence[tuple[Path, RunConfig]], scale: Any, path: Path) -> Path | None:
+def plot_slices(
+    tasks: Sequence[tuple[Path, RunConfig]], scale: Any, path: Path, title: str
+) -> Path | None:
     """L(θ + α d) on the subset for α in [−1, 1], d filter-normalised (the same random seed
     for every run), through the seed-0 final weights of SGD, SAM and RBO; one PNG."""
     from rollingball.experiments.plots import _pyplot
@@ -137,7 +139,7 @@ def plot_slices(tasks: Sequence[tuple[Path, RunConfig]], scale: Any, path: Path)
     ax.set_yscale("log")
     ax.set_xlabel("α (filter-normalised direction, seed 0)")
     ax.set_ylabel(f"training loss on {SUBSET:,} images")
-    ax.set_title("1-D slice through the final weights (seed 0, equal epochs)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -286,23 +286,22 @@ def _finished(path: Path) -> bool:
     return bool(load_checkpoint(path / CHECKPOINT)["progress"]["finished"])
 
 
-def _execute(
-    tasks: Sequence[tuple[Path, RunConfig]], jobs: int, log: Callable[[str], None]
-) -> None:
-    """Run (or finish) every task not finished yet, ``jobs`` processes at a time."""
+def _execute(tasks: Sequence[tuple[Path, RunConfig]], jobs: int, log: Callable[[str], None]) -> int:
+    """Run (or finish) every task not finished yet, ``jobs`` processes at a time; how many."""
     todo = [(p, c) for p, c in tasks if not _finished(p)]
     if not todo:
-        return
+        return 0
     log(f"  {len(todo)} run(s) to do ({len(tasks) - len(todo)} already finished)")
     if jobs <= 1:
         for path, config in todo:
             _run_one(config_to_dict(config), str(path))
             log(f"  done {path}")
-        return
+        return len(todo)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(_run_one, config_to_dict(c), str(p)) for p, c in todo]
         for future in as_completed(futures):
             log(f"  done {future.result()}")
+    return len(todo)
 
 
 # --------------------------------------------------------------------------- the study
@@ -349,13 +348,14 @@ def _tune(
     optimizers: Sequence[str],
     noise: float,
     active: bool,
+    ran: set[str],
 ) -> tuple[dict[str, dict[str, Any]], list[Trial]]:
     """Both stages of tuning (run only if ``active``; else what is on disk): the chosen
     hyperparameters and every trial."""
 
     def execute(tasks: Sequence[tuple[Path, RunConfig]], jobs: int, log: Any) -> None:
-        if active:
-            _execute(tasks, jobs, log)
+        if active and _execute(tasks, jobs, log):
+            ran.add("tune" if noise == 0 else "noisy")
 
     chosen: dict[str, Any] = {}
     plan = tuning_plan(model, scale, root, optimizers, chosen, noise=noise, data_dir=spec.data_dir)
@@ -467,18 +467,26 @@ def study(spec: StudySpec) -> Path:
         bundle = probe.data.load(0)  # fails early if the data is missing
         steps = steps_cache.setdefault(scale.subset, num_batches(bundle.train, BATCH))
 
-        def execute(part: str, tasks: Sequence[tuple[Path, RunConfig]]) -> None:
-            if part in parts:
-                _execute(tasks, spec.jobs, spec.log)
+        ran: set[str] = set()  # the parts that trained something in this call
 
-        def timed(part: str, tick: float, mstate: dict[str, Any] = mstate) -> None:
-            if part in parts:
-                mstate.setdefault("seconds", {})[part] = round(time.perf_counter() - tick, 1)
+        def execute(
+            part: str, tasks: Sequence[tuple[Path, RunConfig]], ran: set[str] = ran
+        ) -> None:
+            if part in parts and _execute(tasks, spec.jobs, spec.log):
+                ran.add(part)
+
+        def timed(
+            part: str, tick: float, mstate: dict[str, Any] = mstate, ran: set[str] = ran
+        ) -> None:
+            """Add the part's time in this call to its total (parts that trained nothing: 0)."""
+            if part in ran:
+                seconds = mstate.setdefault("seconds", {})
+                seconds[part] = round(seconds.get(part, 0.0) + time.perf_counter() - tick, 1)
 
         tick = time.perf_counter()
         spec.log(f"[{model}] tuning")
         best, trials = _tune(
-            spec, model, scale, out / "tune" / model, FAIR_TUNED, 0.0, "tune" in parts
+            spec, model, scale, out / "tune" / model, FAIR_TUNED, 0.0, "tune" in parts, ran
         )
         timed("tune", tick)
         if trials and any((t.path / "metrics.jsonl").exists() for t in trials):
@@ -518,6 +526,8 @@ def study(spec: StudySpec) -> Path:
             sections.append(
                 _sharpness_section(spec, model, scale, tasks, out, "sharpness" in parts)
             )
+            if "sharpness" in parts:
+                ran.add("sharpness")
             timed("sharpness", tick)
         if scale.paper_epochs and model == "mlp":
             spec.log(f"[{model}] the paper's protocol")
@@ -531,7 +541,9 @@ def study(spec: StudySpec) -> Path:
             spec.log(f"[{model}] noisy labels")
             tick = time.perf_counter()
             root = out / "noisy_tune" / model
-            nbest, ntrials = _tune(spec, model, scale, root, NOISY_TUNED, 0.4, "noisy" in parts)
+            nbest, ntrials = _tune(
+                spec, model, scale, root, NOISY_TUNED, 0.4, "noisy" in parts, ran
+            )
             nrows = {k: (("rbo" if k.startswith("rbo") else k), v) for k, v in nbest.items()}
             tables = []
             for name in [b for b in spec.budgets if b != "wall"]:
@@ -668,8 +680,10 @@ def results_table(
         gap = statistics.fmean(float(r["train_accuracy"]) - float(r["test_accuracy"]) for r in rows)
         calls = statistics.fmean(float(r["grad_evals"]) for r in rows)
         wall = statistics.fmean(float(r["wall_seconds"]) for r in rows)
-        cells = [label, described, str(len(rows)), acc, f"{train_loss:.4f}", f"{test_loss:.4f}",
-                 f"{100 * gap:+.2f}", f"{calls:,.0f}", f"{wall:.1f}"]  # fmt: skip
+        losses = (
+            ["—"] * 3 if div else [f"{train_loss:.4f}", f"{test_loss:.4f}", f"{100 * gap:+.2f}"]
+        )
+        cells = [label, described, str(len(rows)), acc, *losses, f"{calls:,.0f}", f"{wall:.1f}"]
         if compare:
             cells.append(
                 "—" if label == best or best is None or div else _beyond_noise(accs, finite[best])
@@ -757,11 +771,24 @@ def _fair_section(
         root = tasks[0][0].parent.parent
         _csv(groups, root / "summary.csv")
         lines += [f"### {described[name]}: {amount}", "", results_table(groups, rows)]
+        for figure in _curves(root, f"{model}, {described[name]}{' (quick)' if quick else ''}"):
+            lines.append(f"![{figure.stem}]({figure.relative_to(root.parent.parent.parent)})")
+        lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _curves(root: Path, title: str) -> list[Path]:
+    """Test accuracy against epochs, closure calls and wall time of the runs under ``root``."""
+    from rollingball.experiments.plots import plot_curves
+    from rollingball.experiments.report import find_runs
+
+    records = find_runs([root])
+    return plot_curves(records, root, title=title) if records else []
 
 
 def _paper_section(scale: Scale, quick: bool, tasks: list[Any]) -> str:
     groups = _final_rows(tasks)
+    settings = {path.parent.name: ("", config.optimizer.hparams) for path, config in tasks}
     _csv(groups, tasks[0][0].parent.parent / "summary.csv")
     return "\n".join(
         [
@@ -775,7 +802,7 @@ def _paper_section(scale: Scale, quick: bool, tasks: list[Any]) -> str:
             )
             + ". `sgd_lr0.1_h3`: SGD at ηγK = 0.1, the hidden learning rate H3 predicts.",
             "",
-            results_table(groups, compare=False),
+            results_table(groups, settings, compare=False),
         ]
     )
 
@@ -847,7 +874,10 @@ def _sharpness_section(
         )
     figure = out / f"slice_{model}.png"
     if active:
-        figure = plot_slices(tasks, scale, figure) or figure
+        title = "1-D slice through the final weights (seed 0, equal epochs)"
+        figure = (
+            plot_slices(tasks, scale, figure, title + (" — QUICK" if spec.quick else "")) or figure
+        )
     if figure.exists():
         lines += ["", f"![filter-normalised slice]({figure.name})", ""]
     return "\n".join(lines) + "\n"
