@@ -556,6 +556,10 @@ def study(spec: StudySpec) -> Path:
             if any((t.path / "metrics.jsonl").exists() for t in ntrials):
                 mstate["noisy_trials"] = _trial_counts(ntrials)
                 sections.append(_noisy_section(model, scale, spec.quick, ntrials, nbest, tables))
+        if ran:
+            commits = mstate.setdefault("commits", [])
+            if _git_commit() not in commits:
+                commits.append(_git_commit())
         atomic_write_text(state_path, json.dumps(state, indent=1, sort_keys=True))
     elapsed = time.perf_counter() - started
     header = _header(spec, elapsed, state)
@@ -888,6 +892,7 @@ def _header(spec: StudySpec, elapsed: float, state: dict[str, Any]) -> str:
         f"{model}: " + ", ".join(f"{k} {v:.0f} s" for k, v in m.get("seconds", {}).items())
         for model, m in state.items()
     )
+    commits = sorted({c for m in state.values() for c in m.get("commits", [])})
     command = "rollingball study" + (" --quick" if spec.quick else "") + f" --jobs {spec.jobs}"
     command += f" --models {','.join(spec.models or ())} --parts {','.join(spec.parts)}"
     command += f" --out {spec.out}"
@@ -895,8 +900,9 @@ def _header(spec: StudySpec, elapsed: float, state: dict[str, Any]) -> str:
         [
             "# Fashion-MNIST study" + _quick(spec.quick),
             "",
-            f"Command: `{command}`; commit {_git_commit()}; this call {elapsed:.0f} s "
-            f"(parts, last call that ran them: {seconds}); {platform.machine()}, torch "
+            f"Command: `{command}`; runs trained at commit(s) {', '.join(commits) or '?'}, "
+            f"report written at {_git_commit()}; this call {elapsed:.0f} s (time per part, "
+            f"summed over the calls that trained it: {seconds}); {platform.machine()}, torch "
             f"{torch.__version__}, one thread per run, {spec.jobs} run(s) at a time. RBO's "
             "projection: the library defaults unless a row says otherwise.",
             "",
