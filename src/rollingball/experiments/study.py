@@ -452,6 +452,7 @@ def study(spec: StudySpec) -> Path:
     """Run the parts of the study that ``spec`` names; write study.md; return its path."""
     spec.validate()
     assert spec.models is not None
+    commit = _git_commit()  # the code this call trains with
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -558,8 +559,8 @@ def study(spec: StudySpec) -> Path:
                 sections.append(_noisy_section(model, scale, spec.quick, ntrials, nbest, tables))
         if ran:
             commits = mstate.setdefault("commits", [])
-            if _git_commit() not in commits:
-                commits.append(_git_commit())
+            if commit not in commits:
+                commits.append(commit)
         atomic_write_text(state_path, json.dumps(state, indent=1, sort_keys=True))
     elapsed = time.perf_counter() - started
     header = _header(spec, elapsed, state)
