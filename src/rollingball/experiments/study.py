@@ -557,7 +557,7 @@ def study(spec: StudySpec) -> Path:
             if any((t.path / "metrics.jsonl").exists() for t in ntrials):
                 mstate["noisy_trials"] = _trial_counts(ntrials)
                 sections.append(_noisy_section(model, scale, spec.quick, ntrials, nbest, tables))
-        if ran:
+        if ran - {"sharpness"}:
             commits = mstate.setdefault("commits", [])
             if commit not in commits:
                 commits.append(commit)
