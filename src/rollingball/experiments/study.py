@@ -591,10 +591,10 @@ def _paper_tasks(spec: StudySpec, scale: Scale, root: Path) -> list[tuple[Path, 
     budget = BudgetConfig(epochs=scale.paper_epochs)
     rows: dict[str, tuple[str, dict[str, Any]]] = {
         "sgd_lr0.01": ("sgd", {"lr": 0.01}),
+        "sgd_lr0.1_h3": ("sgd", {"lr": 0.1}),
         "sam_lr0.01": ("sam", {"lr": 0.01, "momentum": 0.0, "rho": 0.05}),
         "entropy_sgd_defaults": ("entropy_sgd", {}),
-        "rbo_paper_mode": ("rbo", dict(PAPER_MODE)),
-        "sgd_lr0.1_h3": ("sgd", {"lr": 0.1}),
+        "rbo_paper_mode": ("rbo", dict(PAPER_MODE)),  # the dearest last: 100 calls a step
     }
     tasks = []
     for label, (optimizer, hp) in rows.items():
@@ -619,10 +619,10 @@ def _paper_tasks(spec: StudySpec, scale: Scale, root: Path) -> list[tuple[Path, 
 
 
 def _final_rows(tasks: Sequence[tuple[Path, RunConfig]]) -> dict[str, list[dict[str, Any]]]:
-    """Label -> the final metrics row of each finished seed."""
+    """Label -> the final metrics row of each finished seed (unfinished runs left out)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for path, _ in tasks:
-        if (path / "metrics.jsonl").exists():
+        if _finished(path):
             groups.setdefault(path.parent.name, []).append(read_metrics(path)[-1])
     return groups
 
