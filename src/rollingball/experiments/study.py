@@ -511,7 +511,7 @@ def study(spec: StudySpec) -> Path:
                     )
                     if not wall:
                         continue
-                    budget = BudgetConfig(wall_seconds=round(wall, 1))
+                    budget = BudgetConfig(wall_seconds=max(round(wall, 1), 0.1))
                 else:
                     budget = budgets[name]
                 tasks = _fair_tasks(spec, model, scale, rows, out / "fair" / model, name, budget)
