@@ -407,3 +407,39 @@ def test_a_diverged_run_is_marked_in_table_csv_report_and_plots(tmp_path, capsys
     assert f"| sgd |  | diverged at step {step} |" in report
     assert sum(f"diverged at step {step}" in text for text in legends) == 3  # one per plot
     assert not any("diverged" in text for text in legends if text.startswith("momentum"))
+
+
+def test_compare_on_fashion_mnist_uses_its_own_settings(tmp_path, capsys, monkeypatch):
+    import gzip
+    import struct
+
+    import numpy as np
+
+    from rollingball.experiments.data import SYSTEM_DIRS
+
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 300), ("t10k", 50)):
+        for kind, array in (("images-idx3", rng.integers(0, 256, (n, 28, 28))),
+                            ("labels-idx1", np.arange(n) % 10)):  # fmt: skip
+            array = np.asarray(array, dtype=np.uint8)
+            header = struct.pack(">I", 0x0800 | array.ndim)
+            header += struct.pack(f">{array.ndim}I", *array.shape)
+            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb") as handle:
+                handle.write(header + array.tobytes())
+    monkeypatch.setitem(SYSTEM_DIRS, "fashion_mnist", folder)  # found without flags
+    monkeypatch.delenv("ROLLINGBALL_DATA", raising=False)
+    out = tmp_path / "c"
+    args = ["compare", "--data", "fashion_mnist", "--epochs", "1", "--seeds", "1"]
+    assert main([*args, "--optimizers", "sgd,rbo", "--radii", "0.1", "--out", str(out)]) == 0
+    assert "tuned on Fashion-MNIST's validation split" in capsys.readouterr().out
+    with open(out / "summary.csv") as handle:
+        rows = {r["optimizer"]: r for r in csv.DictReader(handle)}
+    assert rows["sgd"]["lr"] == "0.3" and rows["rbo"]["lr"] == "0.3"
+    assert rows["sgd"]["data.batch_size"] == "128" and int(rows["sgd"]["grad_evals"]) == 3
+    # a model without tuned settings runs at the registry defaults, and says so
+    out = tmp_path / "d"
+    args += ["--model", "small_cnn", "--optimizers", "sgd", "--out", str(out)]
+    assert main(args) == 0
+    assert "none tuned for small_cnn on fashion_mnist" in capsys.readouterr().out

@@ -110,6 +110,20 @@ TASK_SETTINGS: dict[tuple[str, str], TaskSettings] = {
         100,
         "tuned on digits' validation split (docs/results.md; experiments/fair/compare_digits.toml)",
     ),
+    ("fashion_mnist", "mlp"): TaskSettings(
+        {
+            "sgd": {"lr": 0.3},
+            "momentum": {"lr": 0.1},
+            "adamw": {"lr": 0.003},
+            "sam": {"lr": 0.1, "rho": 0.05},
+            "usam": {"lr": 0.3, "rho": 0.02},
+            "rbo": {"lr": 0.3},
+        },
+        {0.1: 0.3, 0.3: 0.3, 1.0: 0.3, 3.0: 0.3},
+        128,
+        "tuned on Fashion-MNIST's validation split by `rollingball study` (5 epochs a trial; "
+        "docs/results.md); entropy_sgd was not tuned there: the registry defaults",
+    ),
 }
 
 
