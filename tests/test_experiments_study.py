@@ -129,3 +129,11 @@ def test_results_table_marks_divergence_and_noise():
     assert "| sam |  | 3 | diverged at step 2 |" in table and "10.00 ±" not in table
     assert "| rbo_best_radius |  | 3 | 85.00 ± 1.00 |" in table
     assert "yes (+5.00 ± 1.63)" in table  # 2 standard errors of the difference: 2·√(2/3)%
+
+
+def test_unfinished_runs_are_called_partial(tmp_path):
+    assert st._partial([(tmp_path / "never", None)]) == [
+        "**Partial: 0 of 1 runs finished; the table shows those.**",
+        "",
+    ]
+    assert st._partial([]) == []

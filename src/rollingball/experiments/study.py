@@ -732,8 +732,10 @@ def _tuning_section(
         "| all trials (hyperparameters: val. acc. %) |",
         "|---|---|---|---|---|",
     ]
+    missing = 0
     for opt in FAIR_TUNED if any(t.optimizer == "adamw" for t in trials) else NOISY_TUNED:
-        mine = [t for t in trials if t.optimizer == opt and (t.path / "metrics.jsonl").exists()]
+        mine = [t for t in trials if t.optimizer == opt and _finished(t.path)]
+        missing += max(0, _expected_trials(opt, scale) - len(mine))
         if not mine:
             continue
         cells = []
@@ -750,7 +752,26 @@ def _tuning_section(
             f"| {opt} | {len(mine)} | {', '.join(f'{k} {v:g}' for k, v in chosen.items())} | "
             f"{100 * chosen_acc:.2f} | {'; '.join(cells)} |"
         )
+    if missing:
+        lines += [
+            "",
+            f"**Partial: {missing} trial(s) not run yet; the choices above are provisional.**",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _expected_trials(optimizer: str, scale: Scale) -> int:
+    """Trials the tuning plan gives ``optimizer`` at ``scale``."""
+    rho = len(_middle(RHO_GRID[optimizer], scale.rho_points)) if optimizer in RHO_GRID else 0
+    return len(_middle(LR_GRID[optimizer], scale.lr_points)) + rho
+
+
+def _partial(tasks: Sequence[tuple[Path, RunConfig]]) -> list[str]:
+    """A warning line when some of ``tasks`` have not finished."""
+    done = sum(_finished(p) for p, _ in tasks)
+    if done == len(tasks):
+        return []
+    return [f"**Partial: {done} of {len(tasks)} runs finished; the table shows those.**", ""]
 
 
 def _fair_section(
@@ -775,7 +796,8 @@ def _fair_section(
         )
         root = tasks[0][0].parent.parent
         _csv(groups, root / "summary.csv")
-        lines += [f"### {described[name]}: {amount}", "", results_table(groups, rows)]
+        lines += [f"### {described[name]}: {amount}", "", *_partial(tasks)]
+        lines += [results_table(groups, rows)]
         for figure in _curves(root, f"{model}, {described[name]}{' (quick)' if quick else ''}"):
             lines.append(f"![{figure.stem}]({figure.relative_to(root.parent.parent.parent)})")
         lines.append("")
@@ -807,6 +829,7 @@ def _paper_section(scale: Scale, quick: bool, tasks: list[Any]) -> str:
             )
             + ". `sgd_lr0.1_h3`: SGD at ηγK = 0.1, the hidden learning rate H3 predicts.",
             "",
+            *_partial(tasks),
             results_table(groups, settings, compare=False),
         ]
     )
@@ -840,6 +863,7 @@ def _noisy_section(
         lines += [
             f"### {amount} each",
             "",
+            *_partial(tasks),
             results_table(groups, {k: ("", v) for k, v in best.items()}),
         ]
     return "\n".join(lines) + "\n"
