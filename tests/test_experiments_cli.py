@@ -32,10 +32,12 @@ def test_compare_on_a_tiny_budget_writes_table_csv_report_and_plots(tmp_path, ca
         rows = list(csv.DictReader(handle))
     assert tuple(rows[0])[: len(SUMMARY_COLUMNS)] == SUMMARY_COLUMNS
     assert {"momentum", "betas", "radius", "projection_steps", "budget.epochs"} <= set(rows[0])
+    # digits' own tuned settings (experiments/fair/compare_digits.toml), not MNIST-1D's
     assert {(r["optimizer"], r["lr"]) for r in rows} == {
-        ("sgd", "2.0"), ("momentum", "0.5"), ("adamw", "0.01"), ("sam", "0.1"),
-        ("entropy_sgd", "100.0"), ("rbo", "2.0"), ("rbo", "1.0")
+        ("sgd", "1.0"), ("momentum", "0.3"), ("adamw", "0.003"), ("sam", "0.3"),
+        ("entropy_sgd", "100.0"), ("rbo", "0.3")
     }  # fmt: skip
+    assert "tuned on digits' validation split" in printed
     assert len(rows) == (5 + 2) * 2  # 5 baselines + rbo at 2 radii, 2 seeds each
     by_name = {}
     for row in rows:
@@ -411,3 +413,69 @@ def test_a_command_whose_extra_is_missing_says_which_extra_in_one_line(
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert f"the package {hidden!r}, which is not installed" in done.stderr
     assert f"pip install 'rollingball[{extra}]'" in done.stderr
+
+
+def test_a_diverged_run_is_marked_in_table_csv_report_and_plots(tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    legends = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        legends.extend(t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts())
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    hparams = tmp_path / "h.toml"
+    hparams.write_text("[sgd]\nlr = 1e38\n[momentum]\nlr = 0.1\n")
+    out = tmp_path / "c"
+    args = ["compare", "--data", "digits", "--epochs", "2", "--seeds", "2"]
+    args += ["--optimizers", "sgd,momentum", "--hparams", str(hparams), "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    with open(out / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    steps = {r["optimizer"]: r["diverged_step"] for r in rows}
+    assert steps["momentum"] == "" and int(steps["sgd"]) >= 2  # the first step's loss is finite
+    step = steps["sgd"]
+    assert f"diverged at step {step}" in printed and "10.00 ± 0.00" not in printed
+    report = (out / "report.md").read_text()
+    assert f"| sgd |  | diverged at step {step} |" in report
+    assert sum(f"diverged at step {step}" in text for text in legends) == 3  # one per plot
+    assert not any("diverged" in text for text in legends if text.startswith("momentum"))
+
+
+def test_compare_on_fashion_mnist_uses_its_own_settings(tmp_path, capsys, monkeypatch):
+    import gzip
+    import struct
+
+    import numpy as np
+
+    from rollingball.experiments.data import SYSTEM_DIRS
+
+    folder = tmp_path / "fmnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 300), ("t10k", 50)):
+        for kind, array in (("images-idx3", rng.integers(0, 256, (n, 28, 28))),
+                            ("labels-idx1", np.arange(n) % 10)):  # fmt: skip
+            array = np.asarray(array, dtype=np.uint8)
+            header = struct.pack(">I", 0x0800 | array.ndim)
+            header += struct.pack(f">{array.ndim}I", *array.shape)
+            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb") as handle:
+                handle.write(header + array.tobytes())
+    monkeypatch.setitem(SYSTEM_DIRS, "fashion_mnist", folder)  # found without flags
+    monkeypatch.delenv("ROLLINGBALL_DATA", raising=False)
+    out = tmp_path / "c"
+    args = ["compare", "--data", "fashion_mnist", "--epochs", "1", "--seeds", "1"]
+    assert main([*args, "--optimizers", "sgd,rbo", "--radii", "0.1", "--out", str(out)]) == 0
+    assert "tuned on Fashion-MNIST's validation split" in capsys.readouterr().out
+    with open(out / "summary.csv") as handle:
+        rows = {r["optimizer"]: r for r in csv.DictReader(handle)}
+    assert rows["sgd"]["lr"] == "0.3" and rows["rbo"]["lr"] == "0.3"
+    assert rows["sgd"]["data.batch_size"] == "128" and int(rows["sgd"]["grad_evals"]) == 3
+    # a model without tuned settings runs at the registry defaults, and says so
+    out = tmp_path / "d"
+    args += ["--model", "small_cnn", "--optimizers", "sgd", "--out", str(out)]
+    assert main(args) == 0
+    assert "none tuned for small_cnn on fashion_mnist" in capsys.readouterr().out

@@ -69,3 +69,49 @@ def test_the_mnist1d_file_holds_the_compare_defaults():
 
     hparams, by_radius = load_hparams(ROOT / "fair" / "compare_mnist1d.toml")
     assert hparams == COMPARE_HPARAMS and by_radius == RBO_LR_BY_RADIUS
+
+
+@pytest.mark.parametrize("task", ["mnist1d", "digits"])
+def test_compare_uses_each_tasks_own_tuned_file(task):
+    from rollingball.experiments.compare import load_hparams, task_settings
+
+    hparams, by_radius = load_hparams(ROOT / "fair" / f"compare_{task}.toml")
+    tuned = task_settings(task, "mlp")
+    assert tuned is not None
+    assert hparams == tuned.hparams and by_radius == tuned.rbo_lr_by_radius
+
+
+FMNIST = sorted((ROOT / "fmnist").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", FMNIST, ids=lambda p: p.stem)
+def test_fashion_mnist_configs(path):
+    config = load_config(path)
+    assert path.stem.startswith("fashion_mnist_") and config.data.name == "fashion_mnist"
+    assert config.optimizer.name in path.stem
+    # the CNN rows at full size are for a GPU; the MLP rows run on CPU
+    assert config.device == ("cpu" if config.model.name == "mlp" else "cuda")
+
+
+def test_the_mlp_paper_configs_are_what_the_study_runs(tmp_path):
+    from rollingball.experiments import study as st
+    from rollingball.experiments.config import config_to_dict
+
+    scale = st.SCALES[("mlp", False)]
+    tasks = st._paper_tasks(st.StudySpec(), scale, tmp_path)
+    runs = {path.parent.name: config for path, config in tasks if path.name == "seed0"}
+    names = {
+        "sgd_lr0.01": "sgd",
+        "sam_lr0.01": "sam",
+        "entropy_sgd_defaults": "entropy_sgd",
+        "rbo_paper_mode": "rbo",
+        "sgd_lr0.1_h3": "sgd_h3",
+    }
+    assert set(runs) == set(names)
+    for label, stem in names.items():
+        shipped = config_to_dict(
+            load_config(ROOT / "fmnist" / f"fashion_mnist_mlp_paper_{stem}.toml")
+        )
+        ours = config_to_dict(runs[label])
+        ours.pop("threads")
+        assert shipped == ours, label

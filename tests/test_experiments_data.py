@@ -5,6 +5,7 @@ import hashlib
 import math
 import pickle
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +13,15 @@ import torch
 from torchvision import datasets
 
 from rollingball.experiments.data import (
+    SYSTEM_DIRS,
     AugmentedImages,
     DataNotFoundError,
     load_data,
     make_loader,
+    noisy_labels,
     num_batches,
+    read_idx,
+    search_dirs,
 )
 
 
@@ -62,11 +67,16 @@ def test_mnist_idx_files(tmp_path, compress, name, folder, mean, std):
     torch.testing.assert_close(x[:, 0], expected)
     assert y.tolist() == [0, 3]
     assert bundle.test[4][1].item() == labels["t10k"][4]
-    # the same numbers as torchvision's own reader gives
-    reference = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
-    assert torch.equal(
-        reference(str(tmp_path), train=False).data, torch.tensor(images["t10k"], dtype=torch.uint8)
-    )
+    if not compress:  # the same numbers as torchvision's own reader gives (it reads raw files)
+        reference = datasets.MNIST if name == "mnist" else datasets.FashionMNIST
+        assert torch.equal(reference(str(tmp_path), train=False).data, bundle_bytes(bundle))
+
+
+def bundle_bytes(bundle):
+    """The test images as the bytes they were read from (normalisation undone)."""
+    mean, std = (0.1307, 0.3081) if bundle.name == "mnist" else (0.2860, 0.3530)
+    x = bundle.test[list(range(len(bundle.test)))][0][:, 0]
+    return (x * std + mean).mul(255).round().to(torch.uint8)
 
 
 def _cifar_files(root, hundred, n_per_batch=4):
@@ -119,7 +129,10 @@ def test_cifar_pickle_batches(tmp_path, monkeypatch, hundred):
     assert isinstance(augmented.train, AugmentedImages)
 
 
-def test_missing_data_says_where_it_looked_and_how_to_fix_it(tmp_path):
+def test_missing_data_says_where_it_looked_and_how_to_fix_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ROLLINGBALL_DATA", raising=False)
+    monkeypatch.setitem(SYSTEM_DIRS, "fashion_mnist", tmp_path / "system")
     with pytest.raises(DataNotFoundError) as info:
         load_data("cifar10", tmp_path / "nowhere")
     message = str(info.value)
@@ -128,6 +141,103 @@ def test_missing_data_says_where_it_looked_and_how_to_fix_it(tmp_path):
     assert not (tmp_path / "nowhere").exists() or not any((tmp_path / "nowhere").iterdir())
     with pytest.raises(DataNotFoundError, match="MNIST/raw"):
         load_data("mnist", tmp_path)
+    with pytest.raises(DataNotFoundError) as info:
+        load_data("fashion_mnist", tmp_path / "nowhere")
+    message = str(info.value)
+    for place in (tmp_path / "nowhere", tmp_path / "system", tmp_path / "home" / ".cache"):
+        assert str(place) in message
+    assert "apt-get install dataset-fashion-mnist" in message and "--download" in message
+
+
+def _flat_idx(folder, label_offset, n=6):
+    """Debian's layout: the four gzipped IDX files directly in ``folder``; labels tell
+    the folders apart."""
+    rng = np.random.default_rng(label_offset)
+    for split, size in (("train", n), ("t10k", 3)):
+        _write_idx(
+            folder / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (size, 28, 28)), True
+        )
+        labels = (np.arange(size) + label_offset) % 10
+        _write_idx(folder / f"{split}-labels-idx1-ubyte", labels, True)
+
+
+def test_fashion_mnist_is_found_in_order_data_dir_env_system_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(SYSTEM_DIRS, "fashion_mnist", tmp_path / "system")
+    places = {
+        "data_dir": tmp_path / "given",
+        "env": tmp_path / "env",
+        "system": tmp_path / "system",
+        "cache": tmp_path / "home" / ".cache" / "rollingball" / "FashionMNIST" / "raw",
+    }
+    monkeypatch.setenv("ROLLINGBALL_DATA", str(places["env"]))
+    assert search_dirs("fashion_mnist", places["data_dir"]) == [
+        places["data_dir"],
+        places["env"],
+        places["system"],
+        tmp_path / "home" / ".cache" / "rollingball",
+    ]
+    for offset, key in enumerate(["cache", "system", "env", "data_dir"], start=1):
+        _flat_idx(places[key], offset)
+        first_label = load_data("fashion_mnist", places["data_dir"]).train[0][1].item()
+        assert first_label == offset  # the newest place written is the first one searched
+    # the given directory comes first even where $ROLLINGBALL_DATA holds files too
+    assert load_data("fashion_mnist").train[0][1].item() == 3  # env, then system
+
+
+def test_a_file_that_is_not_idx_is_refused(tmp_path):
+    bad = tmp_path / "train-images-idx3-ubyte"
+    bad.write_bytes(b"\x00\x00\x08\x03" + (2).to_bytes(4, "big") * 3 + b"\x00" * 5)
+    with pytest.raises(DataNotFoundError, match="header says"):
+        read_idx(bad)
+    bad.write_bytes(b"PK\x03\x04 not idx")
+    with pytest.raises(DataNotFoundError, match="not an IDX file"):
+        read_idx(bad)
+
+
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(
+    not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
+    reason="the Debian package dataset-fashion-mnist is not installed "
+    "(make install installs it where apt-get runs as root)",
+)
+def test_the_real_fashion_mnist_files(monkeypatch):
+    monkeypatch.delenv("ROLLINGBALL_DATA", raising=False)
+    bundle = load_data("fashion_mnist", normalize=False)
+    assert len(bundle.train) == 60_000 and len(bundle.test) == 10_000
+    x, y = bundle.train[list(range(60_000))]
+    assert x.shape == (60_000, 1, 28, 28) and x.min() >= 0.0 and x.max() == 1.0
+    # the published statistics, which the loader normalises with
+    assert abs(x.mean().item() - 0.2860) < 5e-4 and abs(x.std().item() - 0.3530) < 5e-4
+    assert torch.bincount(y, minlength=10).tolist() == [6000] * 10
+    assert torch.bincount(bundle.test[list(range(10_000))][1]).tolist() == [1000] * 10
+
+
+def test_label_noise_changes_exactly_that_fraction_of_train_labels_only():
+    clean = torch.arange(1000) % 10
+    noisy = noisy_labels(clean, 0.4, 10, seed=0)
+    assert int((noisy != clean).sum()) == 400
+    assert torch.equal(noisy, noisy_labels(clean, 0.4, 10, seed=0))
+    assert not torch.equal(noisy, noisy_labels(clean, 0.4, 10, seed=1))
+    # symmetric: the wrong labels spread over all classes
+    assert torch.bincount(noisy[noisy != clean], minlength=10).min() > 20
+    plain = load_data("digits", val_fraction=0.2, seed=5)
+    bundle = load_data("digits", val_fraction=0.2, seed=5, label_noise=0.4, noise_seed=0)
+    n = len(bundle.train)
+    wrong = int((bundle.train[list(range(n))][1] != plain.train[list(range(n))][1]).sum())
+    assert wrong == round(0.4 * n)
+    for split in ("val", "test"):
+        a, b = getattr(plain, split), getattr(bundle, split)
+        assert torch.equal(a[list(range(len(a)))][1], b[list(range(len(b)))][1])
+
+
+def test_train_subset_keeps_that_many_examples_outside_the_validation_split():
+    full = load_data("digits", val_fraction=0.1, seed=2)
+    small = load_data("digits", val_fraction=0.1, seed=2, train_subset=300)
+    assert len(small.train) == 300 and len(small.val) == len(full.val)
+    assert torch.equal(small.train[list(range(300))][0], full.train[list(range(300))][0])
 
 
 def test_unknown_dataset_and_bad_options():
@@ -135,7 +245,7 @@ def test_unknown_dataset_and_bad_options():
         load_data("imagenet")
     with pytest.raises(ValueError, match="val_fraction"):
         load_data("digits", val_fraction=1.5)
-    with pytest.raises(ValueError, match="CIFAR"):
+    with pytest.raises(ValueError, match="fashion_mnist, cifar10"):
         load_data("digits", augment=True)
 
 
@@ -191,19 +301,73 @@ def test_loader_order_depends_on_seed_and_epoch_only():
     assert torch.equal(sequential, bundle.test[list(range(360))][1])
 
 
+def _reference_augmentation(images, offsets, flips, p):
+    """Crop and flip one image at a time, as the augmentation is defined."""
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (p, p, p, p))
+    out = torch.empty_like(images)
+    for i in range(n):
+        dy, dx = int(offsets[i, 0]), int(offsets[i, 1])
+        crop = padded[i, :, dy : dy + h, dx : dx + w]
+        out[i] = crop.flip(-1) if flips[i] else crop
+    return out
+
+
 def test_augmentation_crops_and_flips_deterministically():
-    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
-    data = AugmentedImages(images, torch.tensor([0, 1]), padding=2)
-    torch.manual_seed(0)
-    a, _ = data[[0, 1]]
-    torch.manual_seed(0)
-    b, _ = data[[0, 1]]
-    assert torch.equal(a, b) and a.shape == images.shape
-    # every output pixel is either padding (0) or an input pixel of the same image and channel
-    for i in range(2):
-        for c in range(3):
-            values = set(a[i, c].flatten().tolist()) - {0.0}
-            assert values <= set(images[i, c].flatten().tolist())
+    images = torch.arange(6 * 3 * 8 * 8, dtype=torch.float32).view(6, 3, 8, 8)
+    data = AugmentedImages(images, torch.arange(6), padding=2)
+    data.set_epoch(seed=1, epoch=0)
+    state = torch.get_rng_state()
+    a, y = data[[0, 3, 5]]
+    assert torch.equal(torch.get_rng_state(), state)  # torch's global generator is untouched
+    assert torch.equal(a, data[[0, 3, 5]][0]) and a.shape == (3, 3, 8, 8)
+    assert y.tolist() == [0, 3, 5]
+    # each output is one of the 25 crops of its padded image, flipped or not
+    for i, k in enumerate([0, 3, 5]):
+        candidates = [
+            _reference_augmentation(images[k : k + 1], torch.tensor([[dy, dx]]), [f], 2)[0]
+            for dy in range(5)
+            for dx in range(5)
+            for f in (False, True)
+        ]
+        assert any(torch.equal(a[i], c) for c in candidates)
+    data.set_epoch(seed=1, epoch=1)
+    assert not torch.equal(a, data[[0, 3, 5]][0])  # another epoch, another augmentation
+    data.set_epoch(seed=1, epoch=0)
+    assert torch.equal(a, data[[0, 3, 5]][0])
+
+
+def test_augmentation_matches_the_per_image_definition(monkeypatch):
+    images = torch.randn(40, 1, 28, 28)
+    data = AugmentedImages(images, torch.zeros(40, dtype=torch.long), padding=2)
+    drawn = {}
+    real = np.random.default_rng
+
+    def spy(seed):
+        rng = real(seed)
+        offsets, uniform = rng.integers(0, 5, (40, 2)), rng.random(40)
+        drawn.update(offsets=torch.as_tensor(offsets), flips=uniform < 0.5)
+        return real(seed)
+
+    monkeypatch.setattr(np.random, "default_rng", spy)
+    out, _ = data[list(range(40))]
+    assert 5 < int(drawn["flips"].sum()) < 35
+    expected = _reference_augmentation(images, drawn["offsets"], drawn["flips"], 2)
+    assert torch.equal(out, expected)
+    crop_only = AugmentedImages(images, torch.zeros(40, dtype=torch.long), padding=2, flip=False)
+    expected = _reference_augmentation(images, drawn["offsets"], [False] * 40, 2)
+    assert torch.equal(crop_only[list(range(40))][0], expected)
+
+
+def test_augmented_batches_repeat_after_a_resume():
+    images = torch.randn(50, 1, 28, 28)
+    data = AugmentedImages(images, torch.arange(50) % 10, padding=2)
+    whole = [x for x, _ in make_loader(data, 8, shuffle=True, seed=3, epoch=2)]
+    other = AugmentedImages(images, torch.arange(50) % 10, padding=2)  # a fresh process
+    other.set_epoch(seed=9, epoch=9)
+    later = [x for x, _ in make_loader(other, 8, shuffle=True, seed=3, epoch=2, start_batch=4)]
+    assert len(later) == len(whole) - 4
+    assert all(torch.equal(a, b) for a, b in zip(whole[4:], later, strict=True))
 
 
 def test_a_cifar_run_with_augmentation_batchnorm_and_rbo(tmp_path, monkeypatch):

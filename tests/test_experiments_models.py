@@ -16,6 +16,12 @@ CASES = [
         10,
         (9 * 32 + 32) + (32 * 9 * 64 + 64) + (64 * 7 * 7 * 128 + 128) + 1290,
     ),
+    (
+        "small_cnn",
+        (1, 28, 28),
+        10,
+        (9 * 24 + 2 * 24) + (24 * 9 * 48 + 2 * 48) + (48 * 7 * 7 * 128 + 2 * 128) + 1290,
+    ),
     ("resnet6", (1, 28, 28), 10, 308_682),
     ("resnet8", (3, 32, 32), 10, 469_066),
     ("vgg9", (3, 32, 32), 10, 9_228_362),
@@ -87,3 +93,18 @@ def test_mlp_he_initialisation():
     assert first.weight.std().item() < 0.5 * (2.0 / 400) ** 0.5  # PyTorch's: U(±1/√fan_in)
     with pytest.raises(ValueError, match="unknown init 'xavier'"):
         build_model("mlp", (40,), 10, init="xavier")
+
+
+def test_small_cnn_has_batchnorm_pooling_and_dropout():
+    torch.manual_seed(0)
+    model = build_model("small_cnn", (1, 28, 28), 10)
+    kinds = [type(m) for m in model.modules()]
+    assert kinds.count(torch.nn.BatchNorm2d) == 2 and kinds.count(torch.nn.BatchNorm1d) == 1
+    assert kinds.count(torch.nn.MaxPool2d) == 2
+    assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0.25, 0.5]
+    x = torch.randn(8, 1, 28, 28)
+    assert not torch.equal(model(x), model(x))  # Dropout draws anew in training mode
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    wide = build_model("small_cnn", (1, 28, 28), 10, channels=[32, 64], hidden=64)
+    assert wide(x).shape == (8, 10)

@@ -178,6 +178,18 @@ def test_equal_grad_eval_budget(tmp_path):
     assert 100 <= rbo.final["grad_evals"] <= 100 + 20 and rbo.final["step"] < 50
 
 
+def test_equal_wall_time_budget(tmp_path):
+    config = _config(budget={"wall_seconds": 0.5})
+    result = run(config, tmp_path / "w", data=DIGITS)
+    last = result.final
+    # it stops at the first step after the budget is spent (one epoch here is ~15 short steps)
+    assert 0.5 <= last["wall_seconds"] < 5.0 and last["step"] >= 1
+    assert load_config(tmp_path / "w" / "config.toml").budget.wall_seconds == 0.5
+    for bad in ({"wall_seconds": 0}, {"wall_seconds": 1, "epochs": 1}):
+        with pytest.raises(ConfigError, match="budget"):
+            _config(budget=bad)
+
+
 def test_learning_rate_schedules():
     cosine = ScheduleConfig(kind="cosine")
     assert lr_factor(cosine, 0.0) == 1.0 and lr_factor(cosine, 0.5) == pytest.approx(0.5)
@@ -251,6 +263,9 @@ def test_a_diverging_run_stops_and_says_so():
     result = run(_config({"name": "sgd", "lr": 1e38}, epochs=3), None, data=DIGITS)
     assert result.diverged and result.final["diverged"]
     assert len(result.metrics) == 1
+    # the run stops at the first step whose loss is not finite, and says which (not the first:
+    # it starts from finite weights)
+    assert result.final["diverged_step"] == result.final["step"] >= 2
     assert not math.isfinite(result.final["train_loss"])
 
 

@@ -1,4 +1,4 @@
-"""Sub-commands ``run``, ``compare``, ``sweep`` and ``report`` of the ``rollingball`` command."""
+"""Sub-commands ``run``, ``compare``, ``sweep``, ``report`` and ``study`` of ``rollingball``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_compare(subparsers)
     _add_sweep(subparsers)
     _add_report(subparsers)
+    _add_study(subparsers)
 
 
 def _add_run(subparsers: argparse._SubParsersAction) -> None:
@@ -86,8 +87,15 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         default=",".join(f"{r:g}" for r in DEFAULT_RADII),
         help="RBO radii, comma-separated",
     )
-    p.add_argument("--batch-size", type=int, default=100, help="minibatch size")
-    p.add_argument("--data-dir", help="directory with the dataset files")
+    p.add_argument("--batch-size", type=int, help="minibatch size (default: the task's, else 100)")
+    p.add_argument(
+        "--data-dir",
+        help="directory with the dataset files (searched first; then $ROLLINGBALL_DATA, "
+        "the Debian package's directory, ~/.cache/rollingball)",
+    )
+    p.add_argument(
+        "--download", action="store_true", help="download torchvision datasets if not found"
+    )
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     p.add_argument(
         "--hparams",
@@ -116,6 +124,66 @@ def _add_sweep(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="epochs per run (replaces the config's budget)")
     p.add_argument("--out", default="runs/sweep", help="output directory")
     p.set_defaults(func=_cmd_sweep)
+
+
+def _add_study(subparsers: argparse._SubParsersAction) -> None:
+    from rollingball.experiments.study import PARTS
+
+    p = subparsers.add_parser(
+        "study",
+        help="the Fashion-MNIST study: tuning, fair runs, paper protocol, noisy labels, sharpness",
+        description=_cmd_study.__doc__,
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("--out", default="runs/fmnist", help="output directory")
+    p.add_argument(
+        "--quick", action="store_true", help="fewer epochs and trials, one seed (labelled quick)"
+    )
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    p.add_argument(
+        "--models",
+        type=_names,
+        help="comma-separated: mlp, small_cnn (default: both; with --quick: mlp)",
+    )
+    p.add_argument(
+        "--parts", type=_names, default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}"
+    )
+    p.add_argument(
+        "--budgets",
+        type=_names,
+        default="epochs,calls,wall",
+        help="the fair runs' budgets, in this order (wall needs the epochs runs)",
+    )
+    p.add_argument("--data-dir", help="directory with the Fashion-MNIST files (searched first)")
+    p.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    """Tune every optimizer on a validation split of Fashion-MNIST, run the fair comparison
+    (equal epochs, closure calls, wall time), the paper's protocol, the noisy-label arm and
+    the sharpness measurements; write study.md, CSVs and figures. Rerun to continue."""
+    from rollingball.experiments.data import DataNotFoundError
+    from rollingball.experiments.study import StudySpec, study
+
+    spec = StudySpec(
+        out=Path(args.out),
+        quick=args.quick,
+        jobs=args.jobs,
+        models=args.models,
+        parts=args.parts,
+        budgets=args.budgets,
+        data_dir=args.data_dir,
+        log=lambda line: print(line, flush=True),
+    )
+    try:
+        study(spec)
+    except DataNotFoundError as error:
+        print(f"rollingball study: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; rerun the same command to continue (finished runs in {args.out} kept)")
+        return 130
+    return 0
 
 
 def _add_report(subparsers: argparse._SubParsersAction) -> None:
@@ -217,8 +285,11 @@ def _train_one(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     """Train an MLP on MNIST-1D with sgd, momentum, adamw, sam, entropy_sgd and rbo (3 radii),
-    2 seeds; print a table, write summary.csv, report.md and plots."""
+    2 seeds; print a table, write summary.csv, report.md and plots. Each dataset and model
+    gets its own tuned hyperparameters where they exist (else the registry defaults, said so);
+    a run whose loss goes non-finite is shown as "diverged at step N"."""
     from rollingball.experiments.compare import CompareSpec, compare, load_hparams
+    from rollingball.experiments.data import DataNotFoundError
 
     hparams, by_radius = load_hparams(args.hparams) if args.hparams else (None, None)
     spec = CompareSpec(
@@ -232,6 +303,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         radii=args.radii,
         batch_size=args.batch_size,
         data_dir=args.data_dir,
+        download=args.download,
     )
     if hparams is not None:
         spec.hparams = hparams
@@ -239,6 +311,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         spec.rbo_lr_by_radius = by_radius
     try:
         compare(spec, args.out, jobs=args.jobs, console=_console())
+    except DataNotFoundError as error:
+        print(f"rollingball compare: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(
             "interrupted; rerun the same command to continue "

@@ -2,9 +2,11 @@
 
 With no options: an MLP on MNIST-1D with sgd, momentum, adamw, sam, entropy_sgd and rbo at
 three radii, 2 seeds each, the same number of epochs for all (``--budget grad_evals`` gives
-each the same number of closure calls instead). The learning rates below were chosen by the
-sweep described in docs/results.md. Runs already finished in ``--out`` are reused, so an
-interrupted compare continues where it stopped.
+each the same number of closure calls instead). Each (dataset, model) pair has its own tuned
+hyperparameters and batch size (:data:`TASK_SETTINGS`, chosen on a validation split as
+docs/results.md describes); a pair without them runs at the registry defaults and says so.
+Runs already finished in ``--out`` are reused, so an interrupted compare continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -46,7 +48,16 @@ from rollingball.experiments.report import (
 )
 from rollingball.experiments.runner import run
 
-__all__ = ["COMPARE_HPARAMS", "CompareSpec", "compare", "compare_configs", "load_hparams"]
+__all__ = [
+    "COMPARE_HPARAMS",
+    "TASK_SETTINGS",
+    "CompareSpec",
+    "TaskSettings",
+    "compare",
+    "compare_configs",
+    "load_hparams",
+    "task_settings",
+]
 
 DEFAULT_OPTIMIZERS = ("sgd", "momentum", "adamw", "sam", "entropy_sgd", "rbo")
 DEFAULT_RADII = (0.1, 0.3, 1.0)
@@ -68,6 +79,59 @@ COMPARE_HPARAMS: dict[str, dict[str, Any]] = {
 RBO_LR_BY_RADIUS: dict[float, float] = {0.1: 2.0, 0.3: 2.0, 1.0: 2.0}
 
 
+@dataclass(frozen=True)
+class TaskSettings:
+    """What ``compare`` uses for one (dataset, model) pair unless told otherwise."""
+
+    hparams: dict[str, dict[str, Any]]
+    rbo_lr_by_radius: dict[float, float]
+    batch_size: int
+    source: str  # where the numbers come from (a report states it)
+
+
+TASK_SETTINGS: dict[tuple[str, str], TaskSettings] = {
+    ("mnist1d", "mlp"): TaskSettings(
+        COMPARE_HPARAMS,
+        RBO_LR_BY_RADIUS,
+        100,
+        "tuned on MNIST-1D's validation split "
+        "(docs/results.md; experiments/fair/compare_mnist1d.toml)",
+    ),
+    ("digits", "mlp"): TaskSettings(
+        {
+            "sgd": {"lr": 1.0},
+            "momentum": {"lr": 0.3},
+            "adamw": {"lr": 0.003},
+            "sam": {"lr": 0.3, "rho": 0.05},
+            "entropy_sgd": {"lr": 100.0},
+            "rbo": {"lr": 0.3},
+        },
+        {0.1: 0.3, 0.3: 1.0, 1.0: 1.0},
+        100,
+        "tuned on digits' validation split (docs/results.md; experiments/fair/compare_digits.toml)",
+    ),
+    ("fashion_mnist", "mlp"): TaskSettings(
+        {
+            "sgd": {"lr": 0.3},
+            "momentum": {"lr": 0.1},
+            "adamw": {"lr": 0.003},
+            "sam": {"lr": 0.1, "rho": 0.05},
+            "usam": {"lr": 0.3, "rho": 0.02},
+            "rbo": {"lr": 0.3},
+        },
+        {0.1: 0.3, 0.3: 0.3, 1.0: 0.3, 3.0: 0.3},
+        128,
+        "tuned on Fashion-MNIST's validation split by `rollingball study` (5 epochs a trial; "
+        "docs/results.md); entropy_sgd was not tuned there: the registry defaults",
+    ),
+}
+
+
+def task_settings(data: str, model: str) -> TaskSettings | None:
+    """The tuned settings of ``model`` on ``data``, or None where none were tuned."""
+    return TASK_SETTINGS.get((data, model))
+
+
 @dataclass
 class CompareSpec:
     """What ``compare`` runs."""
@@ -80,13 +144,34 @@ class CompareSpec:
     grad_evals: int | None = None  # default: 4 x the closure calls of `epochs` epochs of SGD
     optimizers: Sequence[str] = DEFAULT_OPTIMIZERS
     radii: Sequence[float] = DEFAULT_RADII
-    batch_size: int = 100
+    batch_size: int | None = None  # None: the task's (TASK_SETTINGS), else 100
     data_dir: str | None = None
+    download: bool = False
     # None: GELU for the MLP (a smooth landscape, on which RBO's projection converges)
     model_kwargs: dict[str, Any] | None = None
-    hparams: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(COMPARE_HPARAMS))
+    # None: the task's tuned settings (TASK_SETTINGS), else the registry defaults
+    hparams: dict[str, dict[str, Any]] | None = None
     # RBO's learning rate at each radius (the best on validation at that radius)
-    rbo_lr_by_radius: dict[float, float] = field(default_factory=lambda: dict(RBO_LR_BY_RADIUS))
+    rbo_lr_by_radius: dict[float, float] | None = None
+    source: str = field(default="", init=False)  # where hparams came from, once resolved
+
+    def resolve(self) -> CompareSpec:
+        """Fill what was left as None from :data:`TASK_SETTINGS` (or the registry defaults)."""
+        tuned = task_settings(self.data, self.model)
+        if self.hparams is None:
+            self.hparams = dict(tuned.hparams) if tuned else {}
+            self.source = (
+                tuned.source
+                if tuned
+                else f"none tuned for {self.model} on {self.data}: the registry defaults"
+            )
+        else:
+            self.source = self.source or "given (--hparams)"
+        if self.rbo_lr_by_radius is None:
+            self.rbo_lr_by_radius = dict(tuned.rbo_lr_by_radius) if tuned else {}
+        if self.batch_size is None:
+            self.batch_size = tuned.batch_size if tuned else 100
+        return self
 
     def validate(self) -> None:
         if self.budget not in ("epochs", "grad_evals"):
@@ -97,6 +182,8 @@ class CompareSpec:
             raise ValueError("--grad-evals must be >= 1")
         if "rbo" in self.optimizers and not self.radii:
             raise ValueError("rbo needs at least one radius (--radii)")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
 
 
 def load_hparams(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[float, float] | None]:
@@ -145,6 +232,9 @@ def _slug(name: str, radius: float | None) -> str:
 def compare_configs(spec: CompareSpec, steps_per_epoch: int) -> list[tuple[str, RunConfig]]:
     """(run directory name, configuration) for every optimizer, radius and seed."""
     spec.validate()
+    spec.resolve()
+    assert spec.hparams is not None and spec.rbo_lr_by_radius is not None
+    assert spec.batch_size is not None
     if spec.budget == "epochs":
         budget = BudgetConfig(epochs=spec.epochs)
     else:
@@ -162,7 +252,10 @@ def compare_configs(spec: CompareSpec, steps_per_epoch: int) -> list[tuple[str, 
                     device="cpu",
                     threads=1,
                     data=DataConfig(
-                        name=spec.data, batch_size=spec.batch_size, data_dir=spec.data_dir
+                        name=spec.data,
+                        batch_size=spec.batch_size,
+                        data_dir=spec.data_dir,
+                        download=spec.download,
                     ),
                     model=ModelConfig(name=spec.model, kwargs=_model_kwargs(spec)),
                     optimizer=OptimizerConfig(name=name, hparams=hparams),
@@ -189,7 +282,11 @@ def compare(
     console = console or Console()
     out = Path(out)
     started = time.perf_counter()
-    bundle = load_data(spec.data, spec.data_dir)  # fails early if the data is missing
+    spec.validate()
+    spec.resolve()
+    assert spec.batch_size is not None
+    # fails early if the data is missing
+    bundle = load_data(spec.data, spec.data_dir, download=spec.download)
     steps = num_batches(bundle.train, spec.batch_size)
     runs = compare_configs(spec, steps)
     runs_dir = out / "runs"
@@ -232,6 +329,7 @@ def compare(
     model_text = spec.model + "".join(f" {k}={v}" for k, v in _model_kwargs(spec).items())
     title = f"{model_text} on {spec.data}: {budget_text}, {spec.seeds} seed(s)"
     console.print(rich_table(table, title))
+    console.print(f"hyperparameters: {spec.source}", highlight=False)
     write_summary_csv(rows, out / "summary.csv")
     plots = plot_curves(records, out, title="")
     atomic_write_text(
@@ -274,6 +372,8 @@ def _report_markdown(
         "iterations per step; SAM: 2; Entropy-SGD: L).",
         "",
         markdown_table(table),
+        f"Hyperparameters: {spec.source}.",
+        "",
     ]
     if projections:
         lines += [

@@ -10,7 +10,9 @@
     batch_size = 100
     # data_dir = "~/data"       # existing files; download = true to fetch torchvision data
     # val_fraction = 0.1        # validation split carved from train
-    # augment = true            # CIFAR random crop + flip
+    # augment = true            # random crop + flip (CIFAR, Fashion-MNIST; MNIST: crop only)
+    # label_noise = 0.4         # fraction of training labels replaced (seeded by noise_seed)
+    # train_subset = 10000      # keep this many training examples
 
     [model]
     name = "mlp"                # other keys go to the model, e.g. hidden = [256, 256]
@@ -28,6 +30,7 @@
 
     [budget]
     epochs = 20                 # or: grad_evals = 50000 (closure calls, the same for all)
+                                # or: wall_seconds = 600 (training + evaluation time)
 
 Schedules are functions of the fraction of the budget spent, so they mean the same thing
 under an epoch budget and under a gradient-evaluation budget.
@@ -43,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from rollingball.experiments.atomic import atomic_write_text
-from rollingball.experiments.data import DATASETS, DataBundle, load_data
+from rollingball.experiments.data import AUGMENTABLE, DATASETS, DataBundle, load_data
 from rollingball.experiments.models import MODELS
 from rollingball.experiments.optimizers import OPTIMIZERS, validate_hyperparameters
 
@@ -79,17 +82,24 @@ class DataConfig:
     val_fraction: float = 0.0
     augment: bool = False
     normalize: bool = True
+    label_noise: float = 0.0
+    noise_seed: int = 0
+    train_subset: int = 0
+    split_seed: int | None = None  # the validation split's seed (None: the run's seed)
 
     def load(self, seed: int) -> DataBundle:
-        """The data set this section names, split and shuffled with `seed`."""
+        """The data set this section names, split with ``split_seed`` (if set, else ``seed``)."""
         return load_data(
             self.name,
             self.data_dir,
             download=self.download,
             val_fraction=self.val_fraction,
-            seed=seed,
+            seed=seed if self.split_seed is None else self.split_seed,
             augment=self.augment,
             normalize=self.normalize,
+            label_noise=self.label_noise,
+            noise_seed=self.noise_seed,
+            train_subset=self.train_subset,
         )
 
 
@@ -119,6 +129,7 @@ class ScheduleConfig:
 class BudgetConfig:
     epochs: int | None = None
     grad_evals: int | None = None
+    wall_seconds: float | None = None
 
 
 @dataclass
@@ -160,8 +171,15 @@ class RunConfig:
             f"data.val_fraction must be in [0, 1), got {d.val_fraction}",
         )
         _check(
-            not d.augment or d.name.startswith("cifar"),
-            f"data.augment (random crop + flip) is for CIFAR only, not {d.name!r}",
+            not d.augment or d.name in AUGMENTABLE,
+            f"data.augment (random crop + flip) is for {', '.join(AUGMENTABLE)}, not {d.name!r}",
+        )
+        _check(
+            0.0 <= d.label_noise < 1.0, f"data.label_noise must be in [0, 1), got {d.label_noise}"
+        )
+        _check(
+            isinstance(d.train_subset, int) and d.train_subset >= 0,
+            f"data.train_subset must be an integer >= 0, got {d.train_subset!r}",
         )
         _check(
             self.model.name in MODELS,
@@ -191,9 +209,17 @@ class RunConfig:
         _check(0.0 < s.gamma <= 1.0, f"schedule.gamma must be in (0, 1], got {s.gamma}")
         b = self.budget
         _check(
-            (b.epochs is None) != (b.grad_evals is None),
-            "budget: give exactly one of epochs or grad_evals",
+            sum(v is not None for v in (b.epochs, b.grad_evals, b.wall_seconds)) == 1,
+            "budget: give exactly one of epochs, grad_evals or wall_seconds",
         )
+        if b.wall_seconds is not None:
+            _check(
+                isinstance(b.wall_seconds, (int, float))
+                and not isinstance(b.wall_seconds, bool)
+                and math.isfinite(b.wall_seconds)
+                and b.wall_seconds > 0,
+                f"budget.wall_seconds must be a number > 0, got {b.wall_seconds!r}",
+            )
         if b.epochs is not None:
             _check(
                 _positive_int(b.epochs), f"budget.epochs must be an integer >= 1, got {b.epochs!r}"

@@ -3,6 +3,8 @@
 - ``mlp``: fully connected ReLU network (default two hidden layers of 100).
 - ``cnn1d``: the MNIST-1D convolutional net (three 1-D convolutions of 25 channels).
 - ``cnn2d``: a small 2-D CNN (32 and 64 channels, max-pooling, one hidden layer of 128).
+- ``small_cnn``: the laptop Fashion-MNIST CNN: two 3x3 convolutions with BatchNorm and
+  max-pooling, Dropout, one hidden layer with BatchNorm (see :class:`CNNBatchNorm`).
 - ``resnet6`` / ``resnet8``: the paper's ResNets with an ImageNet-style stem (7x7 stride-2
   convolution and max-pooling) and stages [1, 1, 0, 0] of BasicBlocks (6 weight layers)
   or Bottlenecks (8 weight layers).
@@ -120,6 +122,46 @@ class CNN2d(nn.Module):
         flat = 64 * (hw[0] // 4) * (hw[1] // 4)
         self.classifier = nn.Sequential(
             nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, num_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+class CNNBatchNorm(nn.Module):
+    """[conv3x3 -> BatchNorm -> ReLU -> max-pool 2] x 2 (``channels``) -> Dropout(``dropout[0]``)
+    -> linear(``hidden``) -> BatchNorm -> ReLU -> Dropout(``dropout[1]``) -> linear."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        hw: tuple[int, int],
+        channels: Sequence[int] = (24, 48),
+        hidden: int = 128,
+        dropout: Sequence[float] = (0.25, 0.5),
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_channels
+        for c in channels:
+            layers += [
+                nn.Conv2d(width, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+            width = c
+        layers += [nn.Dropout(dropout[0]), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        scale = 2 ** len(channels)
+        flat = width * (hw[0] // scale) * (hw[1] // scale)
+        self.classifier = nn.Sequential(
+            nn.Linear(flat, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout[1]),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -329,6 +371,11 @@ def _cnn2d(shape: Sequence[int], k: int, **kw: Any) -> nn.Module:
     return CNN2d(c, k, (h, w), **kw)
 
 
+def _small_cnn(shape: Sequence[int], k: int, **kw: Any) -> nn.Module:
+    c, h, w = _image_shape(shape, "small_cnn")
+    return CNNBatchNorm(c, k, (h, w), **kw)
+
+
 def _resnet6(shape: Sequence[int], k: int, **kw: Any) -> nn.Module:
     return ResNet(
         BasicBlock, [1, 1, 0, 0], _image_shape(shape, "resnet6")[0], k, stem="imagenet", **kw
@@ -364,6 +411,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp,
     "cnn1d": _cnn1d,
     "cnn2d": _cnn2d,
+    "small_cnn": _small_cnn,
     "resnet6": _resnet6,
     "resnet8": _resnet8,
     "vgg9": _vgg9,

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from rollingball.experiments.report import RunRecord, group_runs
+from rollingball.experiments.report import RunRecord, diverged_text, group_runs
 
 __all__ = ["CURVE_AXES", "plot_curves", "plot_heatmap"]
 
@@ -48,7 +48,8 @@ def plot_curves(
     """Mean (± std over seeds) ``metric`` vs epoch, closure calls and wall time; one PNG each.
 
     One curve per group of runs that differ only in their seed, labelled with the settings
-    that set it apart (:func:`~rollingball.experiments.report.group_runs`).
+    that set it apart (:func:`~rollingball.experiments.report.group_runs`); a group with a
+    diverged run says "diverged at step N" in its label and ends in a cross.
     """
     plt = _pyplot()
     groups = group_runs(records)  # runs that differ only in their seed
@@ -60,15 +61,25 @@ def plot_curves(
         for label, members in groups:
             x, y, s = _mean_curve(members, x_key, metric)
             scale = 100.0 if metric.endswith("accuracy") else 1.0
+            diverged = diverged_text(
+                [
+                    r.metrics[-1].get("diverged_step", r.metrics[-1]["step"])
+                    if r.metrics[-1].get("diverged")
+                    else ""
+                    for r in members
+                ]
+            )
             (line,) = ax.plot(
                 x,
                 scale * y,
                 marker="o",
                 markersize=2.5,
                 linestyle="--" if label.startswith("rbo") else "-",  # RBO dashed: tell apart
-                label=f"{label} (n={len(members)})",
+                label=f"{label} (n={len(members)})" + (f": {diverged}" if diverged else ""),
             )
             ax.fill_between(x, scale * (y - s), scale * (y + s), color=line.get_color(), alpha=0.15)
+            if diverged:
+                ax.plot(x[-1:], scale * y[-1:], marker="X", markersize=10, color=line.get_color())
         if log_x:
             ax.set_xscale("log")
         ax.set_xlabel(x_label)

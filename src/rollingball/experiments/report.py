@@ -26,6 +26,7 @@ __all__ = [
     "SUMMARY_COLUMNS",
     "RunRecord",
     "aggregate",
+    "diverged_text",
     "find_runs",
     "group_runs",
     "markdown_table",
@@ -44,6 +45,7 @@ RESULT_COLUMNS = (
     "grad_evals",
     "wall_seconds",
     "epochs",
+    "diverged_step",  # blank unless the loss went non-finite: the first such step
 )
 # the first columns of summary.csv; every other setting of the runs follows them
 SUMMARY_COLUMNS = ("optimizer", "radius", "lr", "seed", *RESULT_COLUMNS)
@@ -177,10 +179,28 @@ def summary_rows(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
                 "grad_evals": last["grad_evals"],
                 "wall_seconds": round(float(last["wall_seconds"]), 3),
                 "epochs": last.get("epochs", last["epoch"]),
+                "diverged_step": _diverged_step(last),
                 **{k: v for k, v in settings.items() if k not in ("optimizer", "radius")},
             }
         )
     return rows
+
+
+def _diverged_step(row: dict[str, Any]) -> int | str:
+    """The step at which a run's loss went non-finite, or "" (older runs: the last step)."""
+    if not row.get("diverged"):
+        return ""
+    return int(row.get("diverged_step") or row["step"])
+
+
+def diverged_text(steps: Sequence[Any]) -> str:
+    """ "diverged at step N" for a group's runs ("" if none diverged; "k of n seeds" if some)."""
+    hit = [int(s) for s in steps if s != "" and s is not None]
+    if not hit:
+        return ""
+    where = f"step {hit[0]}" if len(set(hit)) == 1 else f"steps {', '.join(map(str, hit))}"
+    share = "" if len(hit) == len(steps) else f" ({len(hit)} of {len(steps)} seeds)"
+    return f"diverged at {where}{share}"
 
 
 def write_summary_csv(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
@@ -230,6 +250,7 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "grad_evals_mean": statistics.fmean(float(m["grad_evals"]) for m in members),
                 "wall_seconds_mean": statistics.fmean(float(m["wall_seconds"]) for m in members),
                 "epochs_mean": statistics.fmean(float(m["epochs"]) for m in members),
+                "diverged": diverged_text([m.get("diverged_step", "") for m in members]),
             }
         )
     return out
@@ -256,6 +277,8 @@ def _headers(aggregated: Sequence[dict[str, Any]]) -> list[str]:
 def _cells(row: dict[str, Any], with_settings: bool) -> list[str]:
     radius = "" if row["radius"] == "" else f"{float(row['radius']):g}"
     acc = f"{100 * row['test_accuracy_mean']:.2f} ± {100 * row['test_accuracy_std']:.2f}"
+    if row.get("diverged"):  # never a silent 10.00 ± 0.00
+        acc = row["diverged"]
     return [
         row["optimizer"],
         radius,

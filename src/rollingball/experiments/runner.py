@@ -198,6 +198,7 @@ class Progress:
     proj_count: int = 0
     finished: bool = False
     diverged: bool = False
+    diverged_step: int | None = None  # the first step whose loss was not finite
     metrics: list[dict[str, Any]] = field(default_factory=list)
 
     def start_epoch(self) -> None:
@@ -279,12 +280,20 @@ class _Session:
     base_lrs: list[float]
     steps_per_epoch: int
     state: Progress = field(default_factory=Progress)
+    epoch_started: float | None = None  # perf_counter at the start of the running epoch
+
+    def seconds(self) -> float:
+        """Wall time so far, the running epoch's included."""
+        running = 0.0 if self.epoch_started is None else time.perf_counter() - self.epoch_started
+        return self.state.wall_seconds + running
 
     def exhausted(self) -> bool:
-        """True once the budget (epochs or closure calls) is spent."""
+        """True once the budget (epochs, closure calls or wall time) is spent."""
         budget = self.config.budget
         if budget.grad_evals is not None:
             return self.state.grad_evals >= budget.grad_evals
+        if budget.wall_seconds is not None:
+            return self.seconds() >= budget.wall_seconds
         return self.state.epoch >= (budget.epochs or 0)
 
 
@@ -439,22 +448,20 @@ class _Bar:
         if progress_bar is None:
             return
         budget = session.config.budget
-        total = (
-            budget.grad_evals
-            if budget.grad_evals is not None
-            else (budget.epochs or 0) * session.steps_per_epoch
-        )
+        if budget.wall_seconds is not None:
+            total: float = budget.wall_seconds
+        elif budget.grad_evals is not None:
+            total = budget.grad_evals
+        else:
+            total = (budget.epochs or 0) * session.steps_per_epoch
         self.task = progress_bar.add_task(
-            session.config.optimizer.name,
-            total=total,
-            completed=_done(session.state, budget),
-            info="",
+            session.config.optimizer.name, total=total, completed=_done(session), info=""
         )
 
     def update(self, session: _Session, loss: float) -> None:
         if self.bar is not None:
             info = _progress_info(session.state, loss)
-            done = _done(session.state, session.config.budget)
+            done = _done(session)
             self.bar.update(self.task, completed=done, info=info)
 
     def close(self) -> None:
@@ -465,7 +472,7 @@ class _Bar:
 def _step(session: _Session, inputs: Tensor, targets: Tensor) -> StepResult:
     """Set the scheduled learning rate, take one optimizer step, add it to the running sums."""
     state, config = session.state, session.config
-    fraction, step_fraction = _budget_fraction(state, config.budget, session.steps_per_epoch)
+    fraction, step_fraction = _budget_fraction(session)
     factor = lr_factor(config.schedule, fraction, step_fraction)
     for group, base in zip(session.optimizer.param_groups, session.base_lrs, strict=True):
         group["lr"] = base * factor
@@ -478,8 +485,8 @@ def _step(session: _Session, inputs: Tensor, targets: Tensor) -> StepResult:
         config.optimizer.bn_first_call_only,
     )
     state.add(result)
-    if not math.isfinite(result.loss):
-        state.diverged = True
+    if not math.isfinite(result.loss) and not state.diverged:
+        state.diverged, state.diverged_step = True, state.step
     return result
 
 
@@ -500,7 +507,7 @@ def _train_epoch(
         epoch=state.epoch,
         start_batch=state.batch,
     )
-    tick = time.perf_counter()
+    tick = session.epoch_started = time.perf_counter()
     for inputs, targets in loader:
         if session.exhausted():
             break
@@ -512,6 +519,7 @@ def _train_epoch(
             stop.requested = True
         if stop.requested or state.diverged:
             break
+    session.epoch_started = None
     state.wall_seconds += time.perf_counter() - tick
 
 
@@ -551,6 +559,7 @@ def _epoch_metrics(session: _Session, partial: bool) -> dict[str, Any]:
         row["partial_epoch"] = True
     if state.diverged:
         row["diverged"] = True
+        row["diverged_step"] = state.diverged_step
     return row
 
 
@@ -617,12 +626,17 @@ def run(
     return RunResult(out, state.metrics, interrupted=interrupted, diverged=state.diverged)
 
 
-def _budget_fraction(state: Progress, budget: Any, steps_per_epoch: int) -> tuple[float, float]:
+def _budget_fraction(session: _Session) -> tuple[float, float]:
     """Fraction of the budget spent before the next step, and one step's share of it."""
+    state, budget, steps_per_epoch = session.state, session.config.budget, session.steps_per_epoch
+    if budget.wall_seconds is not None:
+        spent = session.seconds()
+        per_step = spent / state.step if state.step else 0.0
+        return spent / budget.wall_seconds, per_step / budget.wall_seconds
     if budget.grad_evals is not None:
         per_step = state.grad_evals / state.step if state.step else 1.0
         return state.grad_evals / budget.grad_evals, per_step / budget.grad_evals
-    total = budget.epochs * steps_per_epoch
+    total = (budget.epochs or 0) * steps_per_epoch
     return state.step / total, 1.0 / total
 
 
@@ -630,7 +644,11 @@ def _progress_info(state: Progress, loss: float) -> str:
     return f"epoch {state.epoch + 1}  loss {loss:.3g}  closure calls {state.grad_evals}"
 
 
-def _done(state: Progress, budget: Any) -> int:
+def _done(session: _Session) -> float:
+    """How much of the budget is spent, in the budget's unit."""
+    state, budget = session.state, session.config.budget
+    if budget.wall_seconds is not None:
+        return session.seconds()
     return state.grad_evals if budget.grad_evals is not None else state.step
 
 
