@@ -32,7 +32,7 @@ def test_compare_on_a_tiny_budget_writes_table_csv_report_and_plots(tmp_path, ca
         rows = list(csv.DictReader(handle))
     assert tuple(rows[0])[: len(SUMMARY_COLUMNS)] == SUMMARY_COLUMNS
     assert {"momentum", "betas", "radius", "projection_steps", "budget.epochs"} <= set(rows[0])
-    # digits' own tuned settings (experiments/fair/compare_digits.toml), not MNIST-1D's
+    # digits' own tuned settings (compare.TASK_SETTINGS), not MNIST-1D's
     assert {(r["optimizer"], r["lr"]) for r in rows} == {
         ("sgd", "1.0"), ("momentum", "0.3"), ("adamw", "0.003"), ("sam", "0.3"),
         ("entropy_sgd", "100.0"), ("rbo", "0.3")

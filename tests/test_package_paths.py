@@ -49,7 +49,7 @@ def test_the_path_check_sees_a_default_path(tmp_path):
     assert _code_strings(path) == [(2, "docs/figures/claims")]
 
 
-def test_the_frontier_reads_its_digits_hyperparameters_from_the_package(tmp_path, monkeypatch):
+def test_the_frontier_takes_compares_digits_hyperparameters(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no repository here
     hparams, by_radius = frontier._hparams("digits")
     assert hparams["sgd"] == {"lr": 1.0}

@@ -108,7 +108,7 @@ TASK_SETTINGS: dict[tuple[str, str], TaskSettings] = {
         },
         {0.1: 0.3, 0.3: 1.0, 1.0: 1.0},
         100,
-        "tuned on digits' validation split (docs/results.md; experiments/fair/compare_digits.toml)",
+        "tuned on digits' validation split (docs/results.md)",
     ),
     ("fashion_mnist", "mlp"): TaskSettings(
         {

@@ -4,7 +4,7 @@
         [--nets gelu relu relu_he]
 
 On MNIST-1D and digits (compare's MLP, batch 100, cosine schedule, compare's learning rates,
-digits' from the package's ``hparams/compare_digits.toml``), with three networks — GELU, ReLU
+each task's from ``compare.TASK_SETTINGS``), with three networks — GELU, ReLU
 with PyTorch's initialisation and ReLU with He's (`NETS`) — RBO at ρ ∈ {0.1, 0.3, 1} with the
 projection budgets K ∈ {1, 2, 3, 5} (at tolerance 1e-4, so the budget decides) and the
 tolerances {1e-1, 1e-2} (at K = 20), each with Anderson memory 1, and the converged
@@ -23,14 +23,13 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rollingball.experiments.compare import COMPARE_HPARAMS, RBO_LR_BY_RADIUS, load_hparams
+from rollingball.experiments.compare import TASK_SETTINGS
 from rollingball.experiments.config import (
     BudgetConfig,
     DataConfig,
@@ -43,8 +42,8 @@ from rollingball.experiments.config import (
 )
 from rollingball.experiments.runner import read_metrics, run
 
-# each task's hyperparameters: compare's own (None), or a TOML shipped in the package's hparams/
-TASKS = {"mnist1d": None, "digits": "compare_digits.toml"}
+# the tasks, each at compare's tuned settings for its MLP (`compare.TASK_SETTINGS`)
+TASKS = ("mnist1d", "digits")
 # the MLP's keyword arguments per network (learning rates are compare's, tuned on GELU)
 NETS: dict[str, dict[str, str]] = {
     "gelu": {"activation": "gelu"},
@@ -86,13 +85,9 @@ class Cell:
 
 
 def _hparams(task: str) -> tuple[dict[str, dict[str, Any]], dict[float, float]]:
-    name = TASKS[task]
-    if name is None:
-        return COMPARE_HPARAMS, dict(RBO_LR_BY_RADIUS)
-    packaged = resources.files("rollingball.experiments") / "hparams" / name
-    with resources.as_file(packaged) as path:
-        hparams, by_radius = load_hparams(path)
-    return hparams, by_radius or {}
+    """The task's hyperparameters and RBO's learning rate per radius: compare's own."""
+    settings = TASK_SETTINGS[(task, "mlp")]
+    return settings.hparams, dict(settings.rbo_lr_by_radius)
 
 
 def cells(nets: Sequence[str] = tuple(NETS)) -> list[Cell]:
