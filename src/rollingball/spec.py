@@ -4,6 +4,8 @@ landscape tools; imports neither torch nor jax.
 - The settings' validation (`validate`), with one set of messages for both frameworks; the
   defaults live beside it in `rollingball.defaults`.
 - The projection solvers and the Anderson solver's constants.
+- The Anderson solver's scalar formulas at a point (φ, the Sherman–Morrison shift, ‖r‖² from
+  ‖p‖²) and φ's round-off level (`phi_noise`), for floats and arrays alike.
 - The landscape RBO rolls on. With loss ℓ, weight decay λ, loss scale κ and σ = −1 when
   maximising (else +1):
 
