@@ -146,6 +146,20 @@ def residual_sq(newton_sq: Any, mismatch: Any, grad_offset: Any, grad_sq: Any) -
     return newton_sq + grad_newton**2 * (2.0 + grad_sq)
 
 
+def backtrack_factor(
+    slope: float, rise: float, bounds: tuple[float, float] = ANDERSON_BACKTRACK
+) -> float:
+    """The factor t* on γ after a rejected plain step δ: along x + t δ, φ is known at t = 0
+    with slope d = ⟨r, δ⟩ and at t = 1, φ(1) − φ(0) = `rise`; the quadratic through them is
+    least at t* = −d / (2(rise − d)), kept within `bounds` (their upper end where the
+    quadratic says nothing). Floats; the JAX solver writes the same with `jnp.where`."""
+    low, high = bounds
+    curvature = rise - slope
+    if not (slope < 0 and curvature > 0 and math.isfinite(curvature)):
+        return high
+    return min(max(-slope / (2 * curvature), low), high)
+
+
 def height(
     loss: float, squared_norm: float, *, weight_decay: float, loss_scale: float, maximize: bool
 ) -> float:

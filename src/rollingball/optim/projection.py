@@ -477,11 +477,7 @@ class AndersonProjection:
         since φ(1) > φ(0); kept within `backtrack` (backtracking by quadratic interpolation)."""
         _, grad_newton = point.newton_products()
         slope = -gamma * (max(newton_sq, 0.0) + grad_newton**2)
-        curvature = rejected - point.phi - slope
-        low, high = self.backtrack
-        if not (slope < 0 and curvature > 0 and math.isfinite(curvature)):
-            return high
-        return min(max(-slope / (2 * curvature), low), high)
+        return spec.backtrack_factor(slope, rejected - point.phi, self.backtrack)
 
     @staticmethod
     def _reductions(

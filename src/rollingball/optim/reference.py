@@ -33,13 +33,13 @@ from torch import Tensor
 from rollingball import defaults
 from rollingball.optim.closure import StepClosure
 from rollingball.spec import (
-    ANDERSON_BACKTRACK,
     ANDERSON_CONTRACTION,
     ANDERSON_EXTENSION,
     ANDERSON_REGULARIZATION,
     ANDERSON_TRUST,
     RIDGE_FLOOR,
     SOLVERS,
+    backtrack_factor,
     phi_noise,
 )
 
@@ -288,17 +288,13 @@ def _judge(
     and takes the plain step next). A rejected plain step δ = −γ p shrinks γ by backtracking:
     along x_k + t δ, φ is known at t = 0 with slope d = ⟨r(x_k), δ⟩ and at t = 1, and the
     quadratic through them is least at t* = −d / (2(φ(1) − φ(0) − d)); γ ← γ t*, t* kept
-    within ANDERSON_BACKTRACK (its upper end where the quadratic says nothing). The budget is
+    within ANDERSON_BACKTRACK (`rollingball.spec.backtrack_factor`). The budget is
     K trial points, plus one for each rejected one, up to ANDERSON_EXTENSION. What follows a
     spent budget is the blind step (`_blind_step_is_safe`)."""
     accepted = not trial.phi > point.phi + problem.noise(trial)
     rejected += not accepted
     if not accepted and not accelerated:
-        slope = _dot(point.residual, delta)
-        curvature = trial.phi - point.phi - slope
-        low, high = ANDERSON_BACKTRACK
-        usable = slope < 0 and curvature > 0 and math.isfinite(curvature)
-        step_size *= min(max(-slope / (2 * curvature), low), high) if usable else high
+        step_size *= backtrack_factor(_dot(point.residual, delta), trial.phi - point.phi)
     extended = budget + min(rejected, ANDERSON_EXTENSION)
     return _Verdict(accepted, step_size, evaluated < extended)
 
