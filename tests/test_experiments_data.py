@@ -233,6 +233,30 @@ def test_label_noise_changes_exactly_that_fraction_of_train_labels_only():
         assert torch.equal(a[list(range(len(a)))][1], b[list(range(len(b)))][1])
 
 
+def test_noisy_validation_gives_the_validation_labels_the_same_noise_and_spares_the_test():
+    plain = load_data("digits", val_fraction=0.2, seed=5)
+    noisy = load_data("digits", val_fraction=0.2, seed=5, label_noise=0.4, noisy_validation=True)
+    train_only = load_data("digits", val_fraction=0.2, seed=5, label_noise=0.4)
+
+    def labels(data, part=1):
+        return data[list(range(len(data)))][part]
+
+    assert torch.equal(labels(noisy.train), labels(train_only.train))
+    wrong = int((labels(noisy.val) != labels(plain.val)).sum())
+    assert wrong == round(0.4 * len(plain.val))
+    assert torch.equal(labels(noisy.val, 0), labels(plain.val, 0))  # the same images
+    assert torch.equal(labels(noisy.test), labels(plain.test))
+
+
+def test_noisy_validation_without_noise_or_split_is_refused():
+    from rollingball.experiments.config import ConfigError, DataConfig, RunConfig
+
+    for data in (DataConfig(name="digits", noisy_validation=True, val_fraction=0.2),
+                 DataConfig(name="digits", noisy_validation=True, label_noise=0.4)):  # fmt: skip
+        with pytest.raises(ConfigError, match="noisy_validation needs"):
+            RunConfig(data=data).validate()
+
+
 def test_train_subset_keeps_that_many_examples_outside_the_validation_split():
     full = load_data("digits", val_fraction=0.1, seed=2)
     small = load_data("digits", val_fraction=0.1, seed=2, train_subset=300)

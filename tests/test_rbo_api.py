@@ -477,4 +477,3 @@ def test_an_integer_projection_step_size_gives_the_float_step():
         finals.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*finals, strict=True):
         assert torch.equal(a, b)
-

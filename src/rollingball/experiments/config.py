@@ -12,6 +12,7 @@
     # val_fraction = 0.1        # validation split carved from train
     # augment = true            # random crop + flip (CIFAR, Fashion-MNIST; MNIST: crop only)
     # label_noise = 0.4         # fraction of training labels replaced (seeded by noise_seed)
+    # noisy_validation = true   # the validation labels get the same noise (tuning under noise)
     # train_subset = 10000      # keep this many training examples
 
     [model]
@@ -84,6 +85,7 @@ class DataConfig:
     normalize: bool = True
     label_noise: float = 0.0
     noise_seed: int = 0
+    noisy_validation: bool = False  # the validation labels get the same noise (seed + 1)
     train_subset: int = 0
     split_seed: int | None = None  # the validation split's seed (None: the run's seed)
 
@@ -99,6 +101,7 @@ class DataConfig:
             normalize=self.normalize,
             label_noise=self.label_noise,
             noise_seed=self.noise_seed,
+            noisy_validation=self.noisy_validation,
             train_subset=self.train_subset,
         )
 
@@ -176,6 +179,10 @@ class RunConfig:
         )
         _check(
             0.0 <= d.label_noise < 1.0, f"data.label_noise must be in [0, 1), got {d.label_noise}"
+        )
+        _check(
+            not d.noisy_validation or (d.label_noise > 0 and d.val_fraction > 0),
+            "data.noisy_validation needs label_noise > 0 and val_fraction > 0",
         )
         _check(
             isinstance(d.train_subset, int) and d.train_subset >= 0,

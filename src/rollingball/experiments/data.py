@@ -193,6 +193,7 @@ def load_data(
     normalize: bool = True,
     label_noise: float = 0.0,
     noise_seed: int = 0,
+    noisy_validation: bool = False,
     train_subset: int = 0,
 ) -> DataBundle:
     """Load dataset ``name`` (one of :data:`DATASETS`).
@@ -202,9 +203,11 @@ def load_data(
     when ``download`` is true. ``val_fraction`` carves a validation split from train with a
     generator seeded by ``seed``; ``train_subset`` > 0 then keeps that many training examples
     (the first of the same shuffled order). ``label_noise`` replaces that fraction of the
-    training labels (never validation or test) by other classes (:func:`noisy_labels`, seeded
-    by ``noise_seed``). ``augment`` (random crop + flip; MNIST: crop only) applies to the
-    28×28 and CIFAR images; ``normalize`` standardises the inputs with the usual statistics.
+    training labels (never the test labels) by other classes (:func:`noisy_labels`, seeded
+    by ``noise_seed``); ``noisy_validation`` gives the validation labels the same noise (seeded
+    by ``noise_seed + 1``), so that tuning sees the noise that training sees. ``augment``
+    (random crop + flip; MNIST: crop only) applies to the 28×28 and CIFAR images;
+    ``normalize`` standardises the inputs with the usual statistics.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -234,7 +237,10 @@ def load_data(
         order = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(seed))
         n_val = max(1, round(val_fraction * len(ytr))) if val_fraction > 0 else 0
         if n_val:
-            val = TensorData(xtr[order[:n_val]], ytr[order[:n_val]])
+            yval = ytr[order[:n_val]]
+            if noisy_validation and label_noise > 0:
+                yval = noisy_labels(yval, label_noise, num_classes, noise_seed + 1)
+            val = TensorData(xtr[order[:n_val]], yval)
         keep = order[n_val:]
         if train_subset > 0:
             keep = keep[:train_subset]

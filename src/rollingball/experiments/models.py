@@ -3,8 +3,9 @@
 - ``mlp``: fully connected ReLU network (default two hidden layers of 100).
 - ``cnn1d``: the MNIST-1D convolutional net (three 1-D convolutions of 25 channels).
 - ``cnn2d``: a small 2-D CNN (32 and 64 channels, max-pooling, one hidden layer of 128).
-- ``small_cnn``: the laptop Fashion-MNIST CNN: two 3x3 convolutions with BatchNorm and
-  max-pooling, Dropout, one hidden layer with BatchNorm (see :class:`CNNBatchNorm`).
+- ``small_cnn``: the laptop Fashion-MNIST CNN: two 3x3 convolutions (16 and 32 channels)
+  with BatchNorm and max-pooling, Dropout, one hidden layer with BatchNorm (see
+  :class:`CNNBatchNorm`).
 - ``resnet6`` / ``resnet8``: the paper's ResNets with an ImageNet-style stem (7x7 stride-2
   convolution and max-pooling) and stages [1, 1, 0, 0] of BasicBlocks (6 weight layers)
   or Bottlenecks (8 weight layers).
@@ -137,7 +138,7 @@ class CNNBatchNorm(nn.Module):
         in_channels: int,
         num_classes: int,
         hw: tuple[int, int],
-        channels: Sequence[int] = (24, 48),
+        channels: Sequence[int] = (16, 32),
         hidden: int = 128,
         dropout: Sequence[float] = (0.25, 0.5),
     ):
