@@ -52,15 +52,29 @@ def test_the_quick_study_runs_every_part_and_resumes(tiny_fmnist, tmp_path, caps
         assert title in text
     assert text.count("QUICK VARIANT") >= 5 and "Command: `rollingball study --quick" in text
     state = json.loads((out / "study.json").read_text())["mlp"]
-    # trials: 2 learning rates per optimizer, 1 more ρ for SAM, USAM and RBO; RBO with momentum
-    # gets 2 learning rates at RBO's chosen radius
-    assert state["trials"] == {"sgd": 2, "momentum": 2, "adamw": 2, "sam": 3, "usam": 3,
-                               "rbo": 3, "rbo_momentum": 2}  # fmt: skip
-    assert state["noisy_trials"] == {"sgd": 2, "momentum": 2, "sam": 3, "usam": 3, "rbo": 3}
+    # trials: 2 learning rates per optimizer (more where the best sat on an edge), 1 more ρ
+    # for SAM, USAM and RBO; RBO with momentum gets 2 learning rates at RBO's chosen radius
+    base = {"sgd": 2, "momentum": 2, "adamw": 2, "sam": 3, "usam": 3, "rbo": 3, "rbo_momentum": 2}
+    assert state["trials"].keys() == base.keys()
+    assert all(state["trials"][k] >= n for k, n in base.items())
+    assert all(state["noisy_trials"][k] >= base[k] for k in ("sgd", "momentum", "sam", "usam"))
     best = state["best"]
+    for opt, hp in best.items():  # the chosen rate is inside the range tried, or on the grid's end
+        tried = sorted(
+            float(p.name.split("_")[0][2:]) for p in (out / "tune" / "mlp" / opt).iterdir()
+        )
+        grid = st.LR_GRID[opt]
+        assert (
+            tried[0] < hp["lr"] < tried[-1]
+            or hp["lr"] in (grid[0], grid[-1])
+            or (
+                opt in ("sam", "usam", "rbo")  # the ρ stage reruns the chosen rate
+            )
+        )
     assert best["rbo_momentum"]["radius"] == best["rbo"]["radius"]
     # RBO with momentum is tuned once, at RBO's chosen radius
-    assert len(list((out / "tune" / "mlp" / "rbo_momentum").iterdir())) == 2
+    radius = f"radius{best['rbo']['radius']:g}"
+    assert all(p.name.endswith(radius) for p in (out / "tune" / "mlp" / "rbo_momentum").iterdir())
     assert (out / "fair" / "mlp" / "epochs" / "accuracy_vs_epoch.png").exists()
     # the 200 training images outside the 40-image validation split, batches of 128: 2 steps
     fair = out / "fair" / "mlp"
@@ -101,6 +115,44 @@ def test_the_quick_study_runs_every_part_and_resumes(tiny_fmnist, tmp_path, caps
     again = (out / "study.md").read_text()
     for title in ("Tuning: mlp", "Fair comparison: mlp", "Noisy labels", "Sharpness"):
         assert title in again
+
+
+def _trial(tmp_path, optimizer, lr, acc, diverged=False):
+    path = tmp_path / f"{optimizer}{lr}"
+    path.mkdir()
+    row = {"val_accuracy": acc, **({"diverged": True} if diverged else {})}
+    (path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    return st.Trial(optimizer, "lr", {"lr": lr}, path, None)
+
+
+def test_a_best_rate_on_the_edge_widens_the_grid_by_its_next_value(tmp_path):
+    grid = st.LR_GRID["sgd"]  # 0.01 ... 10 in half-decades
+    top = [_trial(tmp_path, "sgd", lr, acc) for lr, acc in ((0.1, 0.7), (0.3, 0.8), (1.0, 0.9))]
+    assert st.widen(top) == {"sgd": grid[grid.index(1.0) + 1]}
+    bottom = [_trial(tmp_path, "adamw", lr, acc) for lr, acc in ((1e-3, 0.9), (3e-3, 0.8))]
+    assert st.widen(bottom) == {"adamw": 3e-4}
+    inside = [
+        _trial(tmp_path, "momentum", lr, acc) for lr, acc in ((0.01, 0.7), (0.03, 0.9), (0.1, 0.8))
+    ]
+    assert st.widen(inside) == {}
+    # a diverged larger rate closes the edge; the grid's own end closes it too
+    closed = [
+        _trial(tmp_path, "usam", 0.1, 0.8),
+        _trial(tmp_path, "usam", 0.3, 0.9),
+        _trial(tmp_path, "usam", 1.0, 0.1, diverged=True),
+    ]
+    assert st.widen(closed) == {}
+    assert st.widen([_trial(tmp_path, "rbo_momentum", 0.3, 0.9)]) == {"rbo_momentum": 0.1}
+    assert st.widen([_trial(tmp_path, "sgd", 10.0, 0.9), _trial(tmp_path, "sgd", 3.0, 0.8)]) == {}
+
+
+def test_an_interrupted_run_stops_the_study(monkeypatch, tmp_path):
+    from rollingball.experiments.runner import RunResult
+
+    monkeypatch.setattr(st, "run", lambda *a, **k: RunResult(tmp_path, [], interrupted=True))
+    monkeypatch.setattr(st, "config_from_dict", lambda raw: raw)
+    with pytest.raises(KeyboardInterrupt, match="rerun to continue"):
+        st._run_one({}, str(tmp_path))
 
 
 def test_choice_ignores_diverged_trials_and_prefers_the_smaller_rate(tmp_path):

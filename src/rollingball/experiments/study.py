@@ -8,7 +8,8 @@ where the last one stopped):
 - ``tune``: every optimizer's learning rate on a validation split of 10,000 images held out
   from the 60,000 training images (the same split for all runs), and ρ for SAM, USAM and
   RBO, in two stages (learning rates at the default ρ, then ρ at the best learning rate);
-  RBO with momentum 0.9 gets its own learning-rate stage at the best radius. The choice is
+  RBO with momentum 0.9 gets its own learning-rate stage at the best radius. A learning rate
+  chosen on the edge of the range tried adds the grid's next value beyond it. The choice is
   the best final validation accuracy (a diverged trial never wins); the test set is never
   looked at. The tuning table states how many trials each optimizer got.
 - ``fair``: 3 seeds (1 with ``--quick``) of SGD, momentum, AdamW, SAM, USAM, and RBO (its
@@ -132,7 +133,7 @@ class Scale:
 
 SCALES: dict[tuple[str, bool], Scale] = {
     ("mlp", False): Scale(5, 0, 7, 3, 10, 3, 0, 10, True, 41, 30, 30),
-    ("small_cnn", False): Scale(2, 10_000, 3, 2, 5, 3, 10_000, 0, False, 21, 15, 5),
+    ("small_cnn", False): Scale(3, 10_000, 3, 2, 5, 3, 10_000, 0, False, 21, 15, 5),
     ("mlp", True): Scale(1, 10_000, 3, 1, 2, 1, 0, 1, True, 21, 10, 10),
     ("small_cnn", True): Scale(1, 3_000, 2, 1, 1, 1, 5_000, 0, False, 11, 5, 3),
 }
@@ -211,8 +212,9 @@ def tuning_plan(
     noise: float = 0.0,
     data_dir: str | None = None,
 ) -> list[Trial]:
-    """The trials that can run now: every learning-rate stage, and the ρ stage (and RBO with
-    momentum) of the optimizers whose learning rate is already ``chosen``."""
+    """The trials that can run now: every learning-rate stage (the middle of the grid and the
+    widenings in ``chosen["_lr_extra"]``), and the ρ stage (and RBO with momentum) of the
+    optimizers whose learning rate is already ``chosen``."""
     budget = BudgetConfig(epochs=scale.tune_epochs)
     trials = []
 
@@ -233,17 +235,40 @@ def tuning_plan(
         if opt == "rbo_momentum":
             if "rbo" in chosen:
                 radius = chosen["rbo"]["radius"]
-                for lr in _middle(LR_GRID[opt], scale.lr_points):
+                for lr in _learning_rates(opt, scale, chosen):
                     add(opt, "lr", {"lr": lr, "radius": radius, "momentum": 0.9})
             continue
         rho = {RHO_KEY[opt]: DEFAULT_RHO[opt]} if opt in RHO_KEY else {}
-        for lr in _middle(LR_GRID[opt], scale.lr_points):
+        for lr in _learning_rates(opt, scale, chosen):
             add(opt, "lr", {"lr": lr, **rho})
         if opt in RHO_KEY and opt in chosen.get("_lr_stage", {}):
             best_lr = chosen["_lr_stage"][opt]
             for value in _middle(RHO_GRID[opt], scale.rho_points):
                 add(opt, "rho", {"lr": best_lr, RHO_KEY[opt]: value})
     return trials
+
+
+def _learning_rates(optimizer: str, scale: Scale, chosen: dict[str, Any]) -> list[float]:
+    """The learning rates tried for ``optimizer``: the middle ``scale.lr_points`` of its grid,
+    and the grid values added where the best sat on an edge."""
+    extra = chosen.get("_lr_extra", {}).get(optimizer, [])
+    return sorted(set(_middle(LR_GRID[optimizer], scale.lr_points)) | set(extra))
+
+
+def widen(trials: Sequence[Trial]) -> dict[str, float]:
+    """Per optimizer whose best learning rate (:func:`choose`) is the largest (smallest) one
+    tried, the next larger (smaller) value of its grid, where the grid has one: a best value
+    on the edge of the tried range says the range was too narrow."""
+    out = {}
+    for opt, hp in choose(trials, "lr").items():
+        tried = sorted({t.hparams["lr"] for t in trials if t.optimizer == opt and t.stage == "lr"})
+        grid, lr = LR_GRID[opt], hp["lr"]
+        i = grid.index(lr)
+        if lr == tried[-1] and i + 1 < len(grid):
+            out[opt] = grid[i + 1]
+        elif lr == tried[0] and i > 0:
+            out[opt] = grid[i - 1]
+    return out
 
 
 def _val_accuracy(path: Path) -> float | None:
@@ -277,8 +302,10 @@ def choose(trials: Sequence[Trial], stage: str | None = None) -> dict[str, dict[
 
 
 def _run_one(raw: dict[str, Any], out_dir: str) -> str:
+    """Train one run; an interrupt (Ctrl-C) saves it and stops the study, not just the run."""
     torch.set_num_threads(1)
-    run(config_from_dict(raw), out_dir, resume=True)
+    if run(config_from_dict(raw), out_dir, resume=True).interrupted:
+        raise KeyboardInterrupt(f"interrupted; {out_dir} saved, rerun to continue")
     return out_dir
 
 
@@ -354,26 +381,32 @@ def _tune(
     ran: set[str],
 ) -> tuple[dict[str, dict[str, Any]], list[Trial]]:
     """Both stages of tuning (run only if ``active``; else what is on disk): the chosen
-    hyperparameters and every trial."""
+    hyperparameters and every trial. A learning-rate grid whose best value sits on its edge
+    is widened by the next grid value (:func:`widen`) until the best is inside."""
+    chosen: dict[str, Any] = {"_lr_extra": {}}
 
-    def execute(tasks: Sequence[tuple[Path, RunConfig]], jobs: int, log: Any) -> None:
-        if active and _execute(tasks, jobs, log):
-            ran.add("tune" if noise == 0 else "noisy")
+    def plan_and_run() -> list[Trial]:
+        while True:
+            plan = tuning_plan(
+                model, scale, root, optimizers, chosen, noise=noise, data_dir=spec.data_dir
+            )
+            if active and _execute([(t.path, t.config) for t in plan], spec.jobs, spec.log):
+                ran.add("tune" if noise == 0 else "noisy")
+            extra = chosen["_lr_extra"]
+            wider = {k: v for k, v in widen(plan).items() if v not in extra.get(k, [])}
+            if not wider:  # (or the widening has not run: a report from what is on disk)
+                return plan
+            for opt, lr in wider.items():
+                extra[opt] = [*extra.get(opt, []), lr]
 
-    chosen: dict[str, Any] = {}
-    plan = tuning_plan(model, scale, root, optimizers, chosen, noise=noise, data_dir=spec.data_dir)
-    execute([(t.path, t.config) for t in plan], spec.jobs, spec.log)
+    plan = plan_and_run()
     # RBO with momentum waits for RBO's radius, chosen after its ρ stage
     chosen["_lr_stage"] = {k: v["lr"] for k, v in choose(plan, "lr").items()}
-    plan = tuning_plan(model, scale, root, optimizers, chosen, noise=noise, data_dir=spec.data_dir)
-    execute([(t.path, t.config) for t in plan], spec.jobs, spec.log)
+    plan = plan_and_run()
     best = choose(plan)
     if "rbo_momentum" in optimizers:  # its grid sits at RBO's chosen radius
         chosen.update(best)
-        plan = tuning_plan(
-            model, scale, root, optimizers, chosen, noise=noise, data_dir=spec.data_dir
-        )
-        execute([(t.path, t.config) for t in plan], spec.jobs, spec.log)
+        plan = plan_and_run()
         best = choose(plan)
     return best, plan
 
