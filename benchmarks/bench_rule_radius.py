@@ -15,8 +15,8 @@ import argparse
 import warnings
 
 import torch
-from bench_relu_stall import RULES, set_rule
 
+from bench_relu_stall import RULES, set_rule
 from rollingball.experiments.config import (
     BudgetConfig,
     DataConfig,
