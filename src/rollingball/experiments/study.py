@@ -873,11 +873,12 @@ def _noisy_section(
     tables: list[Any],
 ) -> str:
     lines = [
-        f"## Noisy labels (40% symmetric, training labels only): {model}{_quick(quick)}",
+        f"## Noisy labels (40% symmetric, training and validation labels; test labels clean): "
+        f"{model}{_quick(quick)}",
         "",
-        _tuning_section(model, scale, quick, trials, best).replace(
-            "## Tuning", "### Tuning under noise"
-        ),
+        _tuning_section(model, scale, quick, trials, best)
+        .replace("## Tuning", "### Tuning under noise")
+        .replace("validation split", "validation split, 40% of its labels noisy too"),
     ]
     for name, budget, tasks in tables:
         groups = _final_rows(tasks)
