@@ -807,6 +807,11 @@ def _fair_section(
     model: str, scale: Scale, quick: bool, rows: dict[str, Any], tables: list[Any]
 ) -> str:
     lines = [f"## Fair comparison: {model}{_quick(quick)}", ""]
+    if scale.subset:
+        lines += [
+            f"**Trained on a {scale.subset:,}-image subset of the 50,000 training images.**",
+            "",
+        ]
     described = {
         "epochs": f"equal epochs ({scale.epochs})",
         "calls": "equal closure calls",
